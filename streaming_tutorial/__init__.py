@@ -1,0 +1,1 @@
+"""Shared code for the tutorial: model preparation, starting servers, reading streams."""

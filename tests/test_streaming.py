@@ -1,0 +1,114 @@
+"""Streaming through the real vLLM server: SSE framing, usage accounting, determinism, errors."""
+
+from __future__ import annotations
+
+import vllm
+
+from streaming_tutorial.model import DEFAULT_MODEL_NAME
+from streaming_tutorial.sse import DONE, sse_events
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+QUESTION = "What is the capital of France?"
+
+
+def chat_messages(question: str = QUESTION) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def stream(http, path: str, body: dict) -> list:
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return list(sse_events(response.iter_lines()))
+
+
+def chat_text(events) -> str:
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+
+
+def completion_text(events) -> str:
+    return "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+
+
+def test_health_is_json(http):
+    response = http.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "healthy"
+    assert body["model"] == DEFAULT_MODEL_NAME
+    assert body["vllm_version"] == vllm.__version__
+    assert body["device"] in ("cpu", "cuda")
+
+
+def test_models_lists_the_default_model(client):
+    assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL_NAME]
+
+
+def test_chat_streams_several_events_and_ends_with_done(http, model_name):
+    events = stream(http, "/v1/chat/completions",
+                    {"model": model_name, "messages": chat_messages(), "max_tokens": 32, "temperature": 0})
+    assert events[-1] == DONE
+    chunks = events[:-1]
+    assert len(chunks) >= 3, events
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chat_text(events).strip()
+
+
+def test_completion_streams_several_events_and_ends_with_done(http, model_name):
+    events = stream(http, "/v1/completions",
+                    {"model": model_name, "prompt": "The three primary colors are", "max_tokens": 16,
+                     "temperature": 0, "ignore_eos": True})
+    assert events[-1] == DONE
+    texts = [e["choices"][0]["text"] for e in events[:-1]]
+    assert len([t for t in texts if t]) >= 3, events
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_usage_chunk_counts_exactly_the_streamed_tokens(http, model_name):
+    events = stream(http, "/v1/chat/completions",
+                    {"model": model_name, "messages": chat_messages(), "max_tokens": 256, "temperature": 0,
+                     "return_token_ids": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == DONE
+    usage_chunk = events[-2]
+    assert usage_chunk["choices"] == []
+    token_chunks = [e for e in events[:-2] if e["choices"]]
+    finish_reasons = [c["choices"][0]["finish_reason"] for c in token_chunks if c["choices"][0]["finish_reason"]]
+    assert finish_reasons == ["stop"], "the request must end on its own, not on max_tokens"
+    streamed_ids = [t for c in token_chunks for t in (c["choices"][0].get("token_ids") or [])]
+    assert len(streamed_ids) >= 2
+    assert usage_chunk["usage"]["completion_tokens"] == len(streamed_ids)
+    assert usage_chunk["usage"]["total_tokens"] == (usage_chunk["usage"]["prompt_tokens"]
+                                                    + usage_chunk["usage"]["completion_tokens"])
+
+
+def test_streamed_chat_equals_the_non_streamed_answer(http, model_name):
+    body = {"model": model_name, "messages": chat_messages("Name three fruits."), "max_tokens": 48,
+            "temperature": 0}
+    whole = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert whole
+    assert chat_text(stream(http, "/v1/chat/completions", body)) == whole
+
+
+def test_streamed_completion_equals_the_non_streamed_answer(http, model_name):
+    body = {"model": model_name, "prompt": "Water boils at", "max_tokens": 24, "temperature": 0}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert whole
+    assert completion_text(stream(http, "/v1/completions", body)) == whole
+
+
+def test_bundled_model_answers_paris(client, model_name):
+    """Proves the GGUF -> safetensors conversion kept the model intact: with the seed's system prompt
+    and greedy decoding, SmolLM2-135M-Instruct names Paris (without a system prompt it may not)."""
+    answer = client.chat.completions.create(model=model_name, messages=chat_messages(), temperature=0,
+                                            max_tokens=32).choices[0].message.content
+    assert "Paris" in answer
+
+
+def test_unknown_model_is_a_404_in_vllm_error_shape(http):
+    response = http.post("/v1/chat/completions", json={"model": "no-such-model", "messages": chat_messages()})
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert "no-such-model" in error["message"]
+    assert http.get("/health").status_code == 200
