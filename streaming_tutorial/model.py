@@ -66,6 +66,13 @@ def find_gguf_file() -> Path:
     return path
 
 
+def write_manifest(folder: Path) -> None:
+    """Record every file's size and SHA-256 digest; written last, it marks the folder complete."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"source": GGUF_FILE, "files": files}, indent=2))
+
+
 def verify(model_dir: Path = DEFAULT_MODEL_DIR, *, check_digests: bool = True) -> str | None:
     """Return None if `model_dir` is a complete prepared model, else why it is not."""
     manifest_path = model_dir / MANIFEST
@@ -129,9 +136,7 @@ def prepare(model_dir: Path = DEFAULT_MODEL_DIR) -> Path:
     partial = model_dir.parent / f".{model_dir.name}.partial-{time.time_ns()}"
     try:
         _convert(gguf_path, partial)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(partial.iterdir()) if p.is_file()}
-        (partial / MANIFEST).write_text(json.dumps({"source": GGUF_FILE, "files": files}, indent=2))
+        write_manifest(partial)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         partial.rename(model_dir)

@@ -1,0 +1,61 @@
+"""streaming_server.py's command line: vLLM's own flags, with this server's defaults. No server needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import streaming_server
+from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+
+
+def test_no_flags_serve_the_bundled_model_on_loopback():
+    args = streaming_server.parse_args([])
+    assert args.model == str(DEFAULT_MODEL_DIR)
+    assert args.served_model_name == [DEFAULT_MODEL_NAME]
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+
+
+def test_cpu_defaults_apply_only_on_a_cpu():
+    args = streaming_server.parse_args([])
+    if streaming_server.running_on_cpu():
+        for name, value in streaming_server.CPU_FLAG_DEFAULTS.items():
+            assert getattr(args, name) == value
+        assert args.kv_cache_memory_bytes > 0  # unset, a second server beside the first cannot start
+    else:  # a GPU keeps vLLM's own defaults
+        assert (args.dtype, args.kv_cache_memory_bytes) == ("auto", None)
+
+
+def test_user_flags_win_over_our_defaults():
+    args = streaming_server.parse_args(["--host", "0.0.0.0", "--port", "9001", "--dtype", "float32",
+                                        "--max-model-len", "1024", "--kv-cache-memory-bytes", "123456789",
+                                        "--api-key", "secret"])
+    assert (args.host, args.port, args.dtype, args.max_model_len) == ("0.0.0.0", 9001, "float32", 1024)
+    assert args.kv_cache_memory_bytes == 123456789
+    assert args.api_key == ["secret"]
+
+
+@pytest.mark.parametrize("argv", [["--model", "some/model"], ["some/model"]])
+def test_another_model_keeps_its_own_name(argv):
+    args = streaming_server.parse_args(argv)
+    assert args.model == "some/model"
+    assert args.served_model_name is None  # vLLM then serves it under its own path
+
+
+def test_unknown_flag_is_a_one_line_cli_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        streaming_server.parse_args(["--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "--no-such-flag" in capsys.readouterr().err
+
+
+def test_help_lists_vllm_flags_with_our_defaults():
+    result = subprocess.run([sys.executable, "streaming_server.py", "--help=all"], capture_output=True, text=True,
+                            cwd=streaming_server.__file__.rsplit("/", 1)[0], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--api-key", "--root-path", "--uds", "--ssl-keyfile", "--middleware", "--max-model-len",
+                 "--kv-cache-memory-bytes", "--enforce-eager"):
+        assert flag in result.stdout
+    assert "Host name. (default: 127.0.0.1)" in result.stdout
