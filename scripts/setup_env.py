@@ -32,6 +32,8 @@ CPU_UNUSED_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
 NETWORK_ERRORS = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary failure in "
                             r"name resolution|Name or service not known|Network is unreachable|"
                             r"ConnectTimeout|Read timed out|ProxyError|SSLError")
+# pip saw no version at all: with its retries off or exhausted, that is how an unreachable index looks.
+NO_VERSION_AT_ALL = re.compile(r"requirement (\S+) \(from versions: none\)")
 MISSING_PACKAGE = re.compile(r"No matching distribution found for (\S+)")
 DISK_FULL = re.compile(r"No space left on device")
 
@@ -70,21 +72,29 @@ def run_pip(args: list[str], log_path: Path) -> None:
             log.write(line)
             print(f"  {line}", end="", flush=True)
         code = process.wait()
-    if code == 0:
-        return
-    text = "".join(output)
-    if DISK_FULL.search(text):
-        raise SetupError(f"the disk filled up during the install; free some space and run `make setup` again "
-                         f"(pip's output: {log_path}).")
-    if NETWORK_ERRORS.search(text):
-        raise SetupError(f"could not reach the Python package index; the first set-up needs it (later runs "
-                         f"are offline) (pip's output: {log_path}).")
-    missing = MISSING_PACKAGE.search(text)
+    if code != 0:
+        raise SetupError(explain_pip_failure("".join(output), code, log_path))
+
+
+def explain_pip_failure(output: str, code: int, log_path: Path) -> str:
+    """One sentence for the user from pip's output."""
+    if DISK_FULL.search(output):
+        return (f"the disk filled up during the install; free some space and run `make setup` again "
+                f"(pip's output: {log_path}).")
+    if NETWORK_ERRORS.search(output):
+        return (f"could not reach the Python package index; the first set-up needs it (later runs are "
+                f"offline) (pip's output: {log_path}).")
+    nothing = NO_VERSION_AT_ALL.search(output)
+    if nothing:
+        return (f"pip found no version of {nothing.group(1)} at all: the package index is unreachable (the "
+                f"first set-up needs it) or does not carry it (pip's output: {log_path}).")
+    missing = MISSING_PACKAGE.search(output)
+    if missing and missing.group(1).startswith("torch"):
+        return (f"the package index has no {missing.group(1)}; off this machine the CPU torch comes from "
+                f"PyTorch's index: `make setup EXTRA_INDEX_URL=...` (see README) (pip's output: {log_path}).")
     if missing:
-        raise SetupError(f"the package index has no {missing.group(1)} for this machine; off this machine the "
-                         f"CPU torch comes from PyTorch's index: `make setup EXTRA_INDEX_URL=...` (see README) "
-                         f"(pip's output: {log_path}).")
-    raise SetupError(f"pip failed with exit code {code}; its output is in {log_path}.")
+        return f"the package index has no {missing.group(1)} (pip's output: {log_path})."
+    return f"pip failed with exit code {code}; its output is in {log_path}."
 
 
 def main() -> int:
