@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 VPY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model serve test lab clean
+.PHONY: help setup model serve test lab bench clean
 
 help: ## Show this menu
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test: model ## Run the tests and the notebooks against real vLLM servers
 
 lab: model ## Open the notebooks in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/
+
+bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (about 10 minutes)
+	$(VPY) scripts/bench.py
 
 clean: ## Remove .venv and the prepared model
 	rm -rf $(VENV) models

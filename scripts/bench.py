@@ -1,0 +1,197 @@
+"""Side-by-side benchmark: streaming_server.py against plain vLLM, same flags, same environment.
+
+    make bench                       # or: .venv/bin/python scripts/bench.py [--rounds 3] [--output-len 64]
+
+Starts both servers itself with identical explicit flags and environment (so nothing depends on the
+defaults streaming_server.py would add), then measures them alternately — round by round, the order
+swapped every round — at 1, 4 and 16 concurrent streams: fixed prompts, a fixed output length
+(`ignore_eos`), warm-up excluded. Prints medians and p90/p99 of TTFT, ITL and TPOT, output tokens/s and
+the ratio ours/plain for each; writes JSON and a plot under bench-results/. Also times the client's own
+per-chunk cost on a recorded stream, and runs vLLM's benchmark client on our server as a cross-check.
+The measurement code is the notebooks' (`streaming_tutorial.latency`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from streaming_server import CPU_ENV_DEFAULTS, CPU_FLAG_DEFAULTS, running_on_cpu  # noqa: E402
+from streaming_tutorial import latency  # noqa: E402
+from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: E402
+from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer  # noqa: E402
+
+RESULTS_DIR = PROJECT_ROOT / "bench-results"
+PLAIN_VLLM = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+CONCURRENCY_LEVELS = (1, 4, 16)
+# 40 words of varied text, rotated so that no two requests share a prompt (the prefix cache would
+# otherwise flatter TTFT).
+WORDS = ("river stone lantern orchard copper meadow harbor velvet thunder pepper glacier saddle marble "
+         "falcon ember quarry willow beacon tundra cobalt prairie anchor juniper ridge summit violet cedar "
+         "lagoon canyon ivory maple signal basalt comet thistle delta harvest nimbus garnet").split()
+METRICS = (("ttft", "TTFT"), ("itl", "ITL"), ("tpot", "TPOT"))
+
+
+def effective_config() -> tuple[list[str], dict[str, str]]:
+    """The flags and environment both servers get: ours would add these by default on a CPU; here both get
+    them explicitly, so the comparison cannot depend on how ours sets them."""
+    flags = ["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", DEFAULT_MODEL_NAME,
+             "--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]
+    env: dict[str, str] = {}
+    if running_on_cpu():
+        for name, value in CPU_FLAG_DEFAULTS.items():
+            if name != "kv_cache_memory_bytes":  # two servers side by side: the small test cache for both
+                flags += [f"--{name.replace('_', '-')}", str(value)]
+        env.update(CPU_ENV_DEFAULTS)
+    return flags, env
+
+
+def prompts(count: int, offset: int) -> list[str]:
+    return [" ".join(WORDS[(offset + i + k) % len(WORDS)] for k in range(24)) + ". Continue the story:"
+            for i in range(count)]
+
+
+def bodies(count: int, offset: int, output_len: int) -> list[dict]:
+    return [{"model": DEFAULT_MODEL_NAME, "prompt": p, "max_tokens": output_len, "ignore_eos": True,
+             "temperature": 0} for p in prompts(count, offset)]
+
+
+def requests_per_round(concurrency: int) -> int:
+    return max(8, 2 * concurrency)
+
+
+def measure(server: LocalServer, concurrency: int, count: int, offset: int, output_len: int) -> latency.RunResult:
+    return latency.run(server.url, "/v1/completions", bodies(count, offset, output_len), concurrency)
+
+
+def client_cost_per_chunk(server: LocalServer, output_len: int) -> float:
+    """Seconds the client spends per chunk (parse + clock), timed on a recorded stream without the network."""
+    body = latency.streaming_body(bodies(1, 999, output_len)[0])
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            lines = list(response.iter_lines())
+    repeats = 200
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = latency.consume(lines, time.perf_counter(), latency.RequestResult())
+    return (time.perf_counter() - start) / (repeats * len(result.chunk_times))
+
+
+def fmt_ratio(ours: float, plain: float) -> str:
+    return f"{ours / plain:6.3f}" if plain else "   n/a"
+
+
+def print_table(summaries: dict[str, dict[int, latency.RunSummary]]) -> None:
+    header = f"{'streams':>7} {'metric':<16} {'ours':>10} {'plain':>10} {'ours/plain':>10}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for c in CONCURRENCY_LEVELS:
+        ours, plain = summaries["ours"][c], summaries["plain"][c]
+        for key, label in METRICS:
+            for stat in ("median", "p90", "p99"):
+                a, b = getattr(getattr(ours, key), stat) * 1e3, getattr(getattr(plain, key), stat) * 1e3
+                print(f"{c:>7} {label + ' ' + stat + ' ms':<16} {a:>10.2f} {b:>10.2f} {fmt_ratio(a, b):>10}")
+        a, b = ours.output_throughput, plain.output_throughput
+        print(f"{c:>7} {'output tok/s':<16} {a:>10.1f} {b:>10.1f} {fmt_ratio(a, b):>10}")
+
+
+def plot(summaries: dict[str, dict[int, latency.RunSummary]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, by_level in summaries.items():
+        levels = list(by_level)
+        axes[0].plot(levels, [by_level[c].ttft.median * 1e3 for c in levels], "o-", label=name)
+        axes[1].plot(levels, [by_level[c].itl.median * 1e3 for c in levels], "o-", label=name)
+        axes[2].plot(levels, [by_level[c].output_throughput for c in levels], "o-", label=name)
+    for ax, title in zip(axes, ("median TTFT (ms)", "median ITL (ms)", "output tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle("streaming_server.py (ours) vs plain vLLM, same flags and environment")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per concurrency level")
+    parser.add_argument("--output-len", type=int, default=64, help="tokens per request (ignore_eos)")
+    args = parser.parse_args()
+    flags, env = effective_config()
+    RESULTS_DIR.mkdir(exist_ok=True)
+    print(f"flags for both servers: {' '.join(flags)}\nenvironment for both: {env}", flush=True)
+    print("starting both servers (a few minutes on 2 cores)...", flush=True)
+    servers = {"ours": LocalServer(flags, env=env, log_path=RESULTS_DIR / "ours.log"),
+               "plain": LocalServer(flags, env=env, log_path=RESULTS_DIR / "plain.log", command=PLAIN_VLLM)}
+    try:
+        for name, server in servers.items():
+            started = time.perf_counter()
+            server.start()
+            print(f"  {name} ready in {time.perf_counter() - started:.0f} s at {server.url}", flush=True)
+        for name, server in servers.items():  # warm-up, excluded from the figures
+            measure(server, 4, 8, 500, 16)
+        runs: dict[str, dict[int, list[latency.RequestResult]]] = {n: {c: [] for c in CONCURRENCY_LEVELS}
+                                                                  for n in servers}
+        durations = {n: {c: 0.0 for c in CONCURRENCY_LEVELS} for n in servers}
+        for c in CONCURRENCY_LEVELS:
+            count = requests_per_round(c)
+            for round_index in range(args.rounds):
+                order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+                for name in order:
+                    run = measure(servers[name], c, count, round_index * count, args.output_len)
+                    runs[name][c] += run.results
+                    durations[name][c] += run.duration
+                    failed = sum(not r.ok for r in run.results)
+                    print(f"  {c:>2} streams, round {round_index + 1}/{args.rounds}, {name:<5}: {count} requests "
+                          f"in {run.duration:5.1f} s{f', {failed} FAILED' if failed else ''}", flush=True)
+        summaries = {n: {c: latency.summarize_run(latency.RunResult(c, runs[n][c], durations[n][c]))
+                         for c in CONCURRENCY_LEVELS} for n in servers}
+        print_table(summaries)
+        per_chunk = client_cost_per_chunk(servers["ours"], args.output_len)
+        print(f"\nclient cost per chunk (parse + clock, recorded stream): {per_chunk * 1e6:.1f} µs")
+        print("\ncross-check: vLLM's benchmark client on our server, 4 streams, same output length")
+        vllm_result = asyncio.run(latency.vllm_bench(latency.vllm_bench_argv(
+            servers["ours"].url, output_len=args.output_len, num_prompts=requests_per_round(4) * args.rounds,
+            max_concurrency=4, extra=["--model", DEFAULT_MODEL_NAME, "--tokenizer", str(DEFAULT_MODEL_DIR)])))
+        ours4 = summaries["ours"][4]
+        for label, mine, theirs in (("median TTFT ms", ours4.ttft.median * 1e3, vllm_result["median_ttft_ms"]),
+                                    ("median ITL ms", ours4.itl.median * 1e3, vllm_result["median_itl_ms"]),
+                                    ("median TPOT ms", ours4.tpot.median * 1e3, vllm_result["median_tpot_ms"]),
+                                    ("output tok/s", ours4.output_throughput, vllm_result["output_throughput"])):
+            print(f"  {label:<15} this benchmark {mine:9.2f}   vLLM's client {theirs:9.2f}")
+    finally:
+        for server in servers.values():
+            server.stop()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    report = {"date": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "flags": flags, "env": env, "rounds": args.rounds, "output_len": args.output_len,
+              "client_seconds_per_chunk": per_chunk,
+              "summaries": {n: {str(c): asdict(s) for c, s in by.items()} for n, by in summaries.items()},
+              "vllm_bench_client_ours_4_streams": {k: v for k, v in vllm_result.items()
+                                                   if isinstance(v, (int, float))}}
+    json_path = RESULTS_DIR / f"bench-{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    plot(summaries, RESULTS_DIR / f"bench-{stamp}.png")
+    print(f"\nwrote {json_path} and {json_path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
