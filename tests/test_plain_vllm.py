@@ -1,0 +1,43 @@
+"""The seed's plain-vLLM start command still works on this install (README's alternative to our server)."""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import openai
+import pytest
+
+from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
+
+PLAIN_VLLM = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+@pytest.fixture(scope="module")
+def plain_server():
+    # --enforce-eager: this server only has to prove the command works, so it skips the compile warm-up.
+    args = ["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", DEFAULT_MODEL_NAME,
+            "--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES, "--enforce-eager"]
+    LOG_DIR.mkdir(exist_ok=True)
+    with LocalServer(args, command=PLAIN_VLLM, log_path=LOG_DIR / "plain-vllm.log") as running:
+        yield running
+
+
+def test_plain_vllm_health_is_an_empty_200(plain_server):
+    """What our JSON /health replaces (and what notebooks must accept from a plain `vllm serve`)."""
+    response = httpx.get(plain_server.url_for("health"))
+    assert response.status_code == 200
+    assert response.content == b""
+
+
+def test_plain_vllm_streams_the_seed_example(plain_server):
+    client = openai.OpenAI(base_url=plain_server.url_for("v1"), api_key="EMPTY")
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model, stream=True, temperature=0, max_tokens=32,
+        messages=[{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "What is the capital of France?"}])
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 2
+    assert "".join(pieces).strip()
