@@ -1,8 +1,14 @@
 """Servers shared by the test suite. A cold vLLM start costs minutes on 2 cores, so every test that
-does not need a server of its own shares the session server; destructive tests start their own."""
+does not need a server of its own shares the session server; destructive tests start their own.
+
+The notebooks (collected by nbmake) share the same session server: before a notebook's kernel starts,
+`pytest_runtest_setup` starts the server if no test has yet, and puts its URL in TUTORIAL_SERVER_URL
+(unless that variable is already set, e.g. to test the notebooks against a GPU server).
+Notebooks listed in NOTEBOOKS_WITH_OWN_SERVER start their own server as part of their lesson."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -16,12 +22,41 @@ LOG_DIR = Path(__file__).resolve().parent / "logs"
 SESSION_SERVER_ARGS = ["--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]
 
 
+NOTEBOOKS_WITH_OWN_SERVER = {"01-start-the-server.ipynb"}
+
+_session_server: LocalServer | None = None
+
+
+def session_server() -> LocalServer:
+    """The session server, started on first use (by a test's fixture or before a notebook)."""
+    global _session_server
+    if _session_server is None:
+        LOG_DIR.mkdir(exist_ok=True)
+        _session_server = LocalServer(SESSION_SERVER_ARGS, log_path=LOG_DIR / "session-server.log").start()
+    return _session_server
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _session_server
+    if _session_server is not None:
+        _session_server.stop()
+        _session_server = None
+
+
+def pytest_runtest_setup(item):
+    path = Path(str(getattr(item, "path", item.fspath)))
+    if path.suffix == ".ipynb" and path.name not in NOTEBOOKS_WITH_OWN_SERVER \
+            and "TUTORIAL_SERVER_URL" not in os.environ:
+        running = session_server()
+        os.environ["TUTORIAL_SERVER_URL"] = running.url
+        os.environ.pop("TUTORIAL_API_KEY", None)  # the session server has no API key
+        item.add_report_section("setup", "server", f"TUTORIAL_SERVER_URL={running.url}")
+
+
 @pytest.fixture(scope="session")
 def server():
     """The default model on the default flags (plus a small KV cache), shared by the whole session."""
-    LOG_DIR.mkdir(exist_ok=True)
-    with LocalServer(SESSION_SERVER_ARGS, log_path=LOG_DIR / "session-server.log") as running:
-        yield running
+    return session_server()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,99 @@
+"""streaming_tutorial.notebook: reading /metrics, connecting to a given server, and tying a server's
+process group to the kernel's life."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+
+from streaming_tutorial.notebook import connect, kill_process_group, metric, stop_with_kernel
+
+METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 2.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 5.0
+vllm:request_success_total{engine="0",finished_reason="abort",model_name="m"} 3.0
+vllm:request_success_total{engine="1",finished_reason="abort",model_name="m"} 1.0
+vllm:request_success_created{engine="0",finished_reason="abort",model_name="m"} 1.7e+09
+"""
+
+
+def test_metric_sums_matching_samples():
+    assert metric(METRICS, "vllm:num_requests_running") == 2.0
+    assert metric(METRICS, "vllm:request_success_total", finished_reason="abort") == 4.0
+    assert metric(METRICS, "vllm:request_success_total") == 9.0
+    assert metric(METRICS, "vllm:request_success_total", finished_reason="error") == 0.0
+    assert metric(METRICS, "vllm:no_such_metric") == 0.0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _wait_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_kill_process_group_escalates_to_sigkill():
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"],
+                                start_new_session=True)
+    time.sleep(0.5)
+    kill_process_group(stubborn.pid, timeout=1)
+    assert stubborn.wait(timeout=5) == -9
+
+
+def test_server_group_dies_when_the_kernel_is_killed():
+    """A stand-in 'kernel' starts a stand-in 'server' in its own group with stop_with_kernel, then is
+    SIGKILLed (no atexit): the watchdog must take the server's whole group down."""
+    kernel = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from streaming_tutorial.notebook import stop_with_kernel\n"
+        "server = subprocess.Popen(['sleep', '120'], start_new_session=True)\n"
+        "stop_with_kernel(server.pid)\n"
+        "print(server.pid, flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    server_pid = int(kernel.stdout.readline())
+    assert _group_alive(server_pid)
+    kernel.kill()
+    kernel.wait()
+    assert _wait_gone(server_pid, 10), "the server outlived its kernel"
+
+
+def test_server_group_dies_at_normal_exit():
+    kernel = subprocess.run([sys.executable, "-c", (
+        "import subprocess\n"
+        "from streaming_tutorial.notebook import stop_with_kernel\n"
+        "server = subprocess.Popen(['sleep', '120'], start_new_session=True)\n"
+        "stop_with_kernel(server.pid)\n"
+        "print(server.pid)\n"
+        "raise SystemExit(3)  # like a failed cell followed by kernel shutdown\n")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
+    assert kernel.returncode == 3, kernel.stderr
+    assert _wait_gone(int(kernel.stdout.split()[0]), 5)
+
+
+def test_connect_uses_the_given_server(server, monkeypatch):
+    monkeypatch.setenv("TUTORIAL_SERVER_URL", server.url + "/")
+    monkeypatch.delenv("TUTORIAL_API_KEY", raising=False)
+    conn = connect()
+    assert conn.url == server.url and conn.server is None
+    assert conn.health["status"] == "healthy"
+    assert conn.model() == "SmolLM2-135M-Instruct"
+    conn.close()  # a given server is left running
+    assert psutil.Process(server.process.pid).is_running()

@@ -1,0 +1,60 @@
+"""The notebooks are committed as lessons, not as results: no outputs, no execution counts, a title cell,
+and the conventions every notebook follows (server from the environment, stopped at the end)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+
+
+def test_the_numbered_notebooks_exist():
+    names = [p.name for p in NOTEBOOKS]
+    assert [n[:2] for n in names] == ["01", "02", "03", "04", "05"], names
+    assert all(re.fullmatch(r"\d\d-[a-z0-9-]+\.ipynb", n) for n in names), names
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def notebook(request):
+    return request.param, nbformat.read(request.param, as_version=4)
+
+
+def test_valid_and_without_outputs(notebook):
+    path, nb = notebook
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.get("outputs") == [], f"{path.name} cell {i} has outputs: strip them before committing"
+            assert cell.get("execution_count") is None, f"{path.name} cell {i} has an execution count"
+        assert "attachments" not in cell or not cell["attachments"], f"{path.name} cell {i} has attachments"
+
+
+def test_no_execution_metadata(notebook):
+    path, nb = notebook
+    for i, cell in enumerate(nb.cells):
+        assert "execution" not in cell.get("metadata", {}), f"{path.name} cell {i} keeps execution timings"
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", path.name
+
+
+def test_starts_with_a_title_that_says_what_and_how_long(notebook):
+    path, nb = notebook
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith(f"# {path.name[:2]} · "), path.name
+    assert "You will learn" in first.source and "Time:" in first.source, path.name
+
+
+def test_server_comes_from_the_environment_and_is_stopped(notebook):
+    path, nb = notebook
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "plt.show(block" not in code and "time.sleep(5" not in code
+    if path.name.startswith("01"):
+        assert "stop_with_kernel(" in code and "os.killpg(" in code  # starts and stops its own server
+    else:
+        assert "connect()" in code, f"{path.name} must get its server from streaming_tutorial.notebook.connect"
+        assert nb.cells[-1].source.strip().endswith("conn.close()  # stops the server only if this notebook "
+                                                    "started it"), f"{path.name} must end by closing its server"
