@@ -30,22 +30,34 @@ try:
     from fastapi import Request
     from fastapi.responses import JSONResponse
     from fastapi.routing import APIRoute
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.middleware import Middleware
     from vllm import __version__ as VLLM_VERSION
+    from vllm.entrypoints.launchers import launcher
     from vllm.entrypoints.launchers.api_server import entry
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.exception_handling.handlers import vllm_error as vllm_error_handler
+    from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
+    from vllm.logger import configure_logging_from_args, init_logger
     from vllm.platforms import current_platform
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 except ImportError as error:
     sys.exit(f"error: vLLM is not importable from {sys.executable} ({error}); "
              "run `make setup`, then `make serve` or `.venv/bin/python streaming_server.py`.")
 
+from streaming_tutorial.lifecycle import EngineDeathWatch, adopt_orphans, stop_leftover_processes
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, ModelPreparationError, prepare
+from streaming_tutorial.security import (ApiKeyMiddleware, BodySizeLimitMiddleware, api_keys,
+                                         max_body_bytes_from_env, non_loopback_warning)
+
+logger = init_logger("vllm.streaming_server")  # under "vllm", so it gets vLLM's log format and handler
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+# Seconds the HTTP server waits for open connections once the engine has stopped (see main()).
+HTTP_SHUTDOWN_GRACE_S = 3
 
 # Defaults applied only when vLLM runs on a CPU and the user did not give the flag. Provisional:
 # the performance issue settles them by measurement.
@@ -102,6 +114,16 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
             del routes[i]
     else:
         routes.insert(0, ours)
+    # FastAPI raises Starlette's HTTPException for an unparsable body (e.g. invalid UTF-8) and Starlette's
+    # router for unknown paths; vLLM registers its handler only for FastAPI's subclass, so those answered
+    # `{"detail": ...}`. Route them through vLLM's handler: every error has vLLM's error shape.
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    # Outermost, so they run first: the key check, then the body-size limit (streaming_tutorial/security.py).
+    # vLLM's SageMaker bootstrap already built the middleware stack, so insert ours and build it again.
+    app.user_middleware.insert(0, Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes_from_env()))
+    if keys := api_keys(args):
+        app.user_middleware.insert(0, Middleware(ApiKeyMiddleware, tokens=keys))
+    app.middleware_stack = app.build_middleware_stack()
     return app
 
 
@@ -136,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
+    if warning := non_loopback_warning(args.host, api_keys(args), getattr(args, "uds", None)):
+        logger.warning(warning)
     if args.model == str(DEFAULT_MODEL_DIR):
         try:
             prepare(DEFAULT_MODEL_DIR)
@@ -144,7 +168,21 @@ def main(argv: list[str] | None = None) -> None:
     # vLLM's serve path (run_server -> build_and_serve) builds its app with the module-level
     # `build_app`; pointing that name at `create_app` adds our routes and keeps everything else.
     entry.build_app = create_app
-    uvloop.run(entry.run_server(args))
+    # Stopping must stop everything, and an engine death must show in the exit code (lifecycle.py).
+    adopt_orphans()
+    death = EngineDeathWatch()
+    death.install(launcher, vllm_error_handler)
+    try:
+        # After SIGINT/SIGTERM vLLM stops the engine first; an in-flight stream then never ends, and uvicorn
+        # would wait for its client to hang up. Bound that wait: such connections are closed.
+        uvloop.run(entry.run_server(args, timeout_graceful_shutdown=HTTP_SHUTDOWN_GRACE_S))
+    finally:
+        if leftovers := stop_leftover_processes():
+            logger.info("Stopped leftover process(es) of this server: %s", leftovers)
+    if death.engine_died:
+        logger.error("Server stopped because the engine process died; in-flight requests got an error. "
+                     "The cause is in the log above (e.g. out of memory, or the process was killed).")
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # vLLM spawns its engine: start-up must stay under this guard

@@ -1,0 +1,119 @@
+"""Stopping: SIGINT/SIGTERM stop the server and every child within seconds, and an engine that dies under
+in-flight streams stops the whole server with an error for the streams, not a hang. Each test starts its
+own server (--enforce-eager) and signals only the server process (not its group, which would hide a child
+the server failed to stop); LocalServer still cleans up whatever is left if a test fails."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from server_checks import own_server, wait_for
+from streaming_tutorial.server import tail
+
+STOP_DEADLINE = 15.0  # seconds from the signal (or the engine's death) until no process of the tree is left
+STREAMS = 3
+
+
+def start_streams(server, n: int) -> tuple[list[threading.Thread], dict]:
+    """n long completions streaming in threads; returns once each has received a token."""
+    outcomes: dict[int, dict] = {}
+    started = threading.Barrier(n + 1, timeout=120)
+
+    def run(i):
+        outcome = outcomes[i] = {"events": [], "error": None}
+        try:
+            with httpx.stream("POST", server.url_for("v1", "completions"), timeout=httpx.Timeout(60, read=30),
+                              json={"model": "SmolLM2-135M-Instruct", "prompt": f"Story {i}:", "stream": True,
+                                    "max_tokens": 1000, "ignore_eos": True}) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        outcome["events"].append(line[5:].strip())
+                        if len(outcome["events"]) == 1:
+                            started.wait()
+        except Exception as error:  # a closed connection: what a user may see
+            outcome["error"] = repr(error)
+        finally:
+            outcome["ended"] = time.monotonic()
+            if not outcome["events"]:
+                started.abort()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    started.wait()
+    return threads, outcomes
+
+
+def assert_streams_ended(threads, outcomes, since: float) -> list[str]:
+    """Every stream ended (no hang): with an error event, a [DONE], or a closed connection."""
+    endings = []
+    for thread in threads:
+        thread.join(STOP_DEADLINE + 30)
+        assert not thread.is_alive(), "a stream hung after the server stopped"
+    for i, outcome in sorted(outcomes.items()):
+        assert outcome["ended"] - since < STOP_DEADLINE + 30
+        events = outcome["events"]
+        if any('"error"' in e for e in events):
+            endings.append("error event")
+        elif outcome["error"]:
+            endings.append(f"connection closed ({outcome['error'][:60]})")
+        else:
+            assert events[-1] == "[DONE]", events[-3:]
+            endings.append("[DONE]")
+    return endings
+
+
+def assert_tree_gone(tree: list[psutil.Process], since: float) -> float:
+    gone, alive = psutil.wait_procs(tree, timeout=max(0.1, since + STOP_DEADLINE - time.monotonic()))
+    assert not alive, f"still running {STOP_DEADLINE} s later: {[(p.pid, p.name()) for p in alive]}"
+    return time.monotonic() - since
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_the_server_and_every_child(signum):
+    with own_server(f"shutdown-{signum.name}") as server:
+        threads, outcomes = start_streams(server, 1)
+        tree = server.process_tree()
+        names = [p.name() for p in tree]
+        assert "VLLM::EngineCore" in names and len(tree) >= 3, names
+        sent = time.monotonic()
+        server.process.send_signal(signum)
+        code = server.process.wait(STOP_DEADLINE)
+        elapsed = assert_tree_gone(tree, sent)
+        endings = assert_streams_ended(threads, outcomes, sent)
+        print(f"\n{signum.name}: exit code {code}, whole tree ({len(tree)} processes: {names}) gone after "
+              f"{elapsed:.1f} s; in-flight stream: {endings}")
+        assert code in (0, -signum, 128 + signum), code
+
+
+def engine_core(server) -> psutil.Process:
+    return next(p for p in server.process_tree() if p.name() == "VLLM::EngineCore")
+
+
+def test_engine_death_stops_the_server_and_ends_the_streams():
+    with own_server("engine-kill") as server:
+        threads, outcomes = start_streams(server, STREAMS)
+        tree = server.process_tree()
+        killed = time.monotonic()
+        engine_core(server).kill()
+        code = server.process.wait(STOP_DEADLINE)
+        elapsed = assert_tree_gone(tree, killed)
+        endings = assert_streams_ended(threads, outcomes, killed)
+        log = server.log_path.read_text(errors="replace")
+        our_line = [line for line in log.splitlines() if "engine process died" in line]
+        print(f"\nengine killed: server exit code {code}, tree gone after {elapsed:.1f} s; streams: {endings}; "
+              f"our last line: {our_line[-1:]}")
+        assert code == 1, tail(server.log_path)
+        assert len(our_line) == 1 and "ERROR" in our_line[0]
+        # The last line our server logs says why (interpreter-exit noise from third-party bindings may follow).
+        logged = [line for line in log.splitlines() if line.startswith("(APIServer")]
+        assert logged[-1] == our_line[0], logged[-3:]
+        assert "EngineDeadError" in log or "EngineCore" in log
+        assert all(e == "error event" or e.startswith("connection closed") for e in endings), endings
