@@ -19,7 +19,10 @@ PROMPTS = ["The capital of France is", "List three colors:", "Write a haiku abou
            "Translate 'good morning' into Spanish.", "Name a planet.",
            "Describe a cat in exactly one short sentence, mentioning its fur, its eyes and its tail."]
 # The soak: a few hundred short requests, at most this long; the server tree may grow by at most this much.
+# On a busy 2-core machine 240 requests took 168 s once and did not finish in 240 s another time (191):
+# the soak stops at the time cap, and must have sent at least SOAK_MIN_REQUESTS by then.
 SOAK_REQUESTS = 240
+SOAK_MIN_REQUESTS = 150
 SOAK_MAX_SECONDS = 240
 SOAK_CONCURRENCY = 16
 SOAK_RSS_BOUND = 100 << 20
@@ -166,7 +169,7 @@ def test_soak_does_not_grow_server_memory(server, model_name):
           f"{before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB ({(after - before) / 2**20:+.1f} MiB; "
           f"bound +{SOAK_RSS_BOUND / 2**20:.0f} MiB)")
     assert failures == 0
-    assert done == SOAK_REQUESTS, f"only {done} requests in {SOAK_MAX_SECONDS} s"
+    assert done >= SOAK_MIN_REQUESTS, f"only {done} requests in {SOAK_MAX_SECONDS} s: the soak proves little"
     assert finished >= done, "the engine did not count every request as finished"
     assert after - before < SOAK_RSS_BOUND
     assert httpx.get(server.url_for("health"), timeout=10).status_code == 200
