@@ -47,14 +47,19 @@ def stop_leftover_processes(grace: float = 2.0) -> list[str]:
             child.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(children, timeout=grace)
-    for child in alive:
+    kill_survivors(children, grace)
+    return running
+
+
+def kill_survivors(processes: list[psutil.Process], grace: float) -> None:
+    """Wait up to `grace` seconds for `processes` (already asked to stop) to exit, then SIGKILL the rest."""
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for proc in alive:
         try:
-            child.kill()
+            proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=grace)
-    return running
+    psutil.wait_procs(alive, timeout=10)
 
 
 class EngineDeathWatch:

@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from streaming_tutorial.lifecycle import kill_survivors
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = PROJECT_ROOT / "streaming_server.py"
 LOG_DIR = PROJECT_ROOT / "logs"  # gitignored; servers started by tests and notebooks log here
@@ -129,13 +131,7 @@ class LocalServer:
                 os.killpg(self.process.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        _, alive = psutil.wait_procs(tree, timeout=timeout)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        kill_survivors(tree, timeout)
         return self.process.wait(timeout=10)
 
     def __enter__(self) -> "LocalServer":
