@@ -29,7 +29,7 @@ import httpx
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from streaming_server import CPU_ENV_DEFAULTS, CPU_FLAG_DEFAULTS, running_on_cpu  # noqa: E402
+from streaming_server import CPU_ENV_DEFAULTS, CPU_FLAG_DEFAULTS, cpu_dtype, running_on_cpu  # noqa: E402
 from streaming_tutorial import latency  # noqa: E402
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: E402
 from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer  # noqa: E402
@@ -55,6 +55,7 @@ def effective_config() -> tuple[list[str], dict[str, str]]:
         for name, value in CPU_FLAG_DEFAULTS.items():
             if name != "kv_cache_memory_bytes":  # two servers side by side: the small test cache for both
                 flags += [f"--{name.replace('_', '-')}", str(value)]
+        flags += ["--dtype", cpu_dtype()]
         env.update(CPU_ENV_DEFAULTS)
     return flags, env
 

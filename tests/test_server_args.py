@@ -23,16 +23,17 @@ def test_cpu_defaults_apply_only_on_a_cpu():
     if streaming_server.running_on_cpu():
         for name, value in streaming_server.CPU_FLAG_DEFAULTS.items():
             assert getattr(args, name) == value
+        assert args.dtype == streaming_server.cpu_dtype() in ("bfloat16", "float32")
         assert args.kv_cache_memory_bytes > 0  # unset, a second server beside the first cannot start
     else:  # a GPU keeps vLLM's own defaults
         assert (args.dtype, args.kv_cache_memory_bytes) == ("auto", None)
 
 
 def test_user_flags_win_over_our_defaults():
-    args = streaming_server.parse_args(["--host", "0.0.0.0", "--port", "9001", "--dtype", "float32",
+    args = streaming_server.parse_args(["--host", "0.0.0.0", "--port", "9001", "--dtype", "float16",
                                         "--max-model-len", "1024", "--kv-cache-memory-bytes", "123456789",
                                         "--api-key", "secret"])
-    assert (args.host, args.port, args.dtype, args.max_model_len) == ("0.0.0.0", 9001, "float32", 1024)
+    assert (args.host, args.port, args.dtype, args.max_model_len) == ("0.0.0.0", 9001, "float16", 1024)
     assert args.kv_cache_memory_bytes == 123456789
     assert args.api_key == ["secret"]
 
