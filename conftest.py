@@ -15,9 +15,8 @@ import httpx
 import openai
 import pytest
 
-from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer
+from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
-LOG_DIR = Path(__file__).resolve().parent / "logs"
 # Every server gets an explicit KV cache size, so several can run side by side.
 SESSION_SERVER_ARGS = ["--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]
 
@@ -31,7 +30,6 @@ def session_server() -> LocalServer:
     """The session server, started on first use (by a test's fixture or before a notebook)."""
     global _session_server
     if _session_server is None:
-        LOG_DIR.mkdir(exist_ok=True)
         _session_server = LocalServer(SESSION_SERVER_ARGS, log_path=LOG_DIR / "session-server.log").start()
     return _session_server
 

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import httpx
 
-from streaming_tutorial.server import PROJECT_ROOT, TEST_KV_CACHE_BYTES, LocalServer
+from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
 URL_VARIABLE = "TUTORIAL_SERVER_URL"
 KEY_VARIABLE = "TUTORIAL_API_KEY"
-LOG_DIR = PROJECT_ROOT / "logs"
 
 # Runs in its own session, so it survives whatever kills the kernel; exits once the server's group is gone.
 _WATCHDOG = """
@@ -157,7 +156,6 @@ def connect(args: list[str] | tuple[str, ...] = (), log_name: str = "notebook-se
         health = wait_until_healthy(url)
         print(f"using the server at {url} ({URL_VARIABLE}); /health: {health or '200, empty body'}")
         return Connection(url.rstrip("/"), api_key, None, health)
-    LOG_DIR.mkdir(exist_ok=True)
     server = _KernelBoundServer(["--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES, *args], api_key=api_key,
                                 log_path=LOG_DIR / log_name, env={"VLLM_LOGGING_COLOR": "0"})
     print(f"{URL_VARIABLE} is not set: starting a local server (2-4 minutes on a 2-core CPU)\n"

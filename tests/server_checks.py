@@ -6,15 +6,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 import httpx
 import psutil
 
-from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer
+from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
-LOG_DIR = Path(__file__).resolve().parent.parent / "logs"
 # Destructive tests start their own servers; eager mode skips torch.compile (start ~1 min instead of 2-4).
 OWN_SERVER_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -79,5 +77,4 @@ def error_of(response: httpx.Response) -> dict:
 
 
 def own_server(name: str, extra_args: list[str] = (), **kwargs) -> LocalServer:
-    LOG_DIR.mkdir(exist_ok=True)
     return LocalServer([*OWN_SERVER_ARGS, *extra_args], log_path=LOG_DIR / f"{name}.log", **kwargs)

@@ -8,19 +8,17 @@ import httpx
 import openai
 import pytest
 
+from server_checks import own_server
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
-from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
 PLAIN_VLLM = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 
 @pytest.fixture(scope="module")
 def plain_server():
-    # --enforce-eager: this server only has to prove the command works, so it skips the compile warm-up.
-    args = ["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", DEFAULT_MODEL_NAME,
-            "--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES, "--enforce-eager"]
-    LOG_DIR.mkdir(exist_ok=True)
-    with LocalServer(args, command=PLAIN_VLLM, log_path=LOG_DIR / "plain-vllm.log") as running:
+    # An own server (eager, small KV cache): it only has to prove the command works.
+    with own_server("plain-vllm", ["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", DEFAULT_MODEL_NAME],
+                    command=PLAIN_VLLM) as running:
         yield running
 
 
