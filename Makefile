@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 VPY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model serve test lab bench clean
+.PHONY: help setup model serve test lab bench study clean
 
 help: ## Show this menu
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ lab: model ## Open the notebooks in JupyterLab
 
 bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (about 10 minutes)
 	$(VPY) scripts/bench.py
+
+study: model ## Measure each candidate CPU default, one server at a time (about 25 minutes)
+	$(VPY) scripts/study_defaults.py
 
 clean: ## Remove .venv and the prepared model
 	rm -rf $(VENV) models

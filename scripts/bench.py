@@ -1,11 +1,11 @@
 """Side-by-side benchmark: streaming_server.py against plain vLLM, same flags, same environment.
 
-    make bench                       # or: .venv/bin/python scripts/bench.py [--rounds 3] [--output-len 64]
+    make bench                       # or: .venv/bin/python scripts/bench.py [--rounds 4] [--output-len 64]
 
 Starts both servers itself with identical explicit flags and environment (so nothing depends on the
 defaults streaming_server.py would add), then measures them alternately — round by round, the order
-swapped every round — at 1, 4 and 16 concurrent streams: fixed prompts, a fixed output length
-(`ignore_eos`), warm-up excluded. Prints medians and p90/p99 of TTFT, ITL and TPOT, output tokens/s and
+swapped every round — at 1, 4 and 16 concurrent streams: fixed prompts (32 seeded random tokens, new for
+every request), a fixed output length (`ignore_eos`), warm-up excluded. Prints medians and p90/p99 of TTFT, ITL and TPOT, output tokens/s and
 the ratio ours/plain for each; writes JSON and a plot under bench-results/. Also times the client's own
 per-chunk cost on a recorded stream, and runs vLLM's benchmark client on our server as a cross-check.
 The measurement code is the notebooks' (`streaming_tutorial.latency`).
@@ -17,7 +17,9 @@ import argparse
 import asyncio
 import json
 import os
+import itertools
 import platform
+import random
 import sys
 import time
 from dataclasses import asdict
@@ -37,12 +39,11 @@ from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer  # noqa: 
 RESULTS_DIR = PROJECT_ROOT / "bench-results"
 PLAIN_VLLM = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 CONCURRENCY_LEVELS = (1, 4, 16)
-# 40 words of varied text, rotated so that no two requests share a prompt (the prefix cache would
-# otherwise flatter TTFT).
-WORDS = ("river stone lantern orchard copper meadow harbor velvet thunder pepper glacier saddle marble "
-         "falcon ember quarry willow beacon tundra cobalt prairie anchor juniper ridge summit violet cedar "
-         "lagoon canyon ivory maple signal basalt comet thistle delta harvest nimbus garnet").split()
+INPUT_LEN = 32  # prompt tokens per request
 METRICS = (("ttft", "TTFT"), ("itl", "ITL"), ("tpot", "TPOT"))
+# Every request in a run gets a prompt no request before it had: a repeated prompt would hit the prefix
+# cache and flatter TTFT. Seeded, so every run sends the same prompts in the same order.
+_prompt_seeds = itertools.count()
 
 
 def effective_config() -> tuple[list[str], dict[str, str]]:
@@ -60,27 +61,27 @@ def effective_config() -> tuple[list[str], dict[str, str]]:
     return flags, env
 
 
-def prompts(count: int, offset: int) -> list[str]:
-    return [" ".join(WORDS[(offset + i + k) % len(WORDS)] for k in range(24)) + ". Continue the story:"
-            for i in range(count)]
-
-
-def bodies(count: int, offset: int, output_len: int) -> list[dict]:
-    return [{"model": DEFAULT_MODEL_NAME, "prompt": p, "max_tokens": output_len, "ignore_eos": True,
-             "temperature": 0} for p in prompts(count, offset)]
+def bodies(count: int, output_len: int) -> list[dict]:
+    """`count` requests of INPUT_LEN random token ids each (what vLLM's `random` dataset sends, so its
+    client can cross-check ours on the same workload), exactly `output_len` tokens out, greedy."""
+    def prompt() -> list[int]:
+        rng = random.Random(next(_prompt_seeds))
+        return [rng.randrange(1000, 40000) for _ in range(INPUT_LEN)]
+    return [{"model": DEFAULT_MODEL_NAME, "prompt": prompt(), "max_tokens": output_len,
+             "ignore_eos": True, "temperature": 0} for _ in range(count)]
 
 
 def requests_per_round(concurrency: int) -> int:
     return max(8, 2 * concurrency)
 
 
-def measure(server: LocalServer, concurrency: int, count: int, offset: int, output_len: int) -> latency.RunResult:
-    return latency.run(server.url, "/v1/completions", bodies(count, offset, output_len), concurrency)
+def measure(server: LocalServer, concurrency: int, requests: list[dict]) -> latency.RunResult:
+    return latency.run(server.url, "/v1/completions", requests, concurrency)
 
 
 def client_cost_per_chunk(server: LocalServer, output_len: int) -> float:
     """Seconds the client spends per chunk (parse + clock), timed on a recorded stream without the network."""
-    body = latency.streaming_body(bodies(1, 999, output_len)[0])
+    body = latency.streaming_body(bodies(1, output_len)[0])
     with httpx.Client(base_url=server.url, timeout=120) as client:
         with client.stream("POST", "/v1/completions", json=body) as response:
             lines = list(response.iter_lines())
@@ -132,7 +133,7 @@ def plot(summaries: dict[str, dict[int, latency.RunSummary]], path: Path) -> Non
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per concurrency level")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per concurrency level")
     parser.add_argument("--output-len", type=int, default=64, help="tokens per request (ignore_eos)")
     args = parser.parse_args()
     flags, env = effective_config()
@@ -146,17 +147,19 @@ def main() -> int:
             started = time.perf_counter()
             server.start()
             print(f"  {name} ready in {time.perf_counter() - started:.0f} s at {server.url}", flush=True)
-        for name, server in servers.items():  # warm-up, excluded from the figures
-            measure(server, 4, 8, 500, 16)
+        warm_up = bodies(8, 16)
+        for server in servers.values():  # excluded from the figures
+            measure(server, 4, warm_up)
         runs: dict[str, dict[int, list[latency.RequestResult]]] = {n: {c: [] for c in CONCURRENCY_LEVELS}
                                                                   for n in servers}
         durations = {n: {c: 0.0 for c in CONCURRENCY_LEVELS} for n in servers}
         for c in CONCURRENCY_LEVELS:
             count = requests_per_round(c)
             for round_index in range(args.rounds):
+                requests = bodies(count, args.output_len)  # the same new prompts for both servers
                 order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
                 for name in order:
-                    run = measure(servers[name], c, count, round_index * count, args.output_len)
+                    run = measure(servers[name], c, requests)
                     runs[name][c] += run.results
                     durations[name][c] += run.duration
                     failed = sum(not r.ok for r in run.results)
@@ -167,10 +170,12 @@ def main() -> int:
         print_table(summaries)
         per_chunk = client_cost_per_chunk(servers["ours"], args.output_len)
         print(f"\nclient cost per chunk (parse + clock, recorded stream): {per_chunk * 1e6:.1f} µs")
-        print("\ncross-check: vLLM's benchmark client on our server, 4 streams, same output length")
+        print(f"\ncross-check: vLLM's benchmark client on our server, same workload as the 4-stream rows "
+              f"({INPUT_LEN} random prompt tokens, {args.output_len} out, ignore_eos, greedy)")
         vllm_result = asyncio.run(latency.vllm_bench(latency.vllm_bench_argv(
-            servers["ours"].url, output_len=args.output_len, num_prompts=requests_per_round(4) * args.rounds,
-            max_concurrency=4, extra=["--model", DEFAULT_MODEL_NAME, "--tokenizer", str(DEFAULT_MODEL_DIR)])))
+            servers["ours"].url, input_len=INPUT_LEN, output_len=args.output_len,
+            num_prompts=requests_per_round(4) * args.rounds, max_concurrency=4, seed=args.rounds,
+            extra=["--model", DEFAULT_MODEL_NAME, "--tokenizer", str(DEFAULT_MODEL_DIR)])))
         ours4 = summaries["ours"][4]
         for label, mine, theirs in (("median TTFT ms", ours4.ttft.median * 1e3, vllm_result["median_ttft_ms"]),
                                     ("median ITL ms", ours4.itl.median * 1e3, vllm_result["median_itl_ms"]),
@@ -182,8 +187,8 @@ def main() -> int:
             server.stop()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     report = {"date": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "flags": flags, "env": env, "rounds": args.rounds, "output_len": args.output_len,
-              "client_seconds_per_chunk": per_chunk,
+              "flags": flags, "env": env, "rounds": args.rounds, "input_len": INPUT_LEN,
+              "output_len": args.output_len, "client_seconds_per_chunk": per_chunk,
               "summaries": {n: {str(c): asdict(s) for c, s in by.items()} for n, by in summaries.items()},
               "vllm_bench_client_ours_4_streams": {k: v for k, v in vllm_result.items()
                                                    if isinstance(v, (int, float))}}
