@@ -32,14 +32,10 @@ STREAMS = (1, 16)
 
 
 def shared_library(name: str) -> str | None:
-    """Path of lib<name>.so: the virtualenv's own lib folder first (pip's intel-openmp puts libiomp5 there),
-    then the system's."""
+    """What to put in LD_PRELOAD for lib<name>: the virtualenv's copy (pip's intel-openmp puts libiomp5
+    there), else the system's soname, which the dynamic loader finds by itself."""
     in_venv = Path(sys.prefix) / "lib" / f"lib{name}.so"
-    if in_venv.exists():
-        return str(in_venv)
-    found = ctypes.util.find_library(name)
-    return found and next((str(p) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib")
-                           for p in Path(d).glob(f"{found}*")), None)
+    return str(in_venv) if in_venv.exists() else ctypes.util.find_library(name)
 
 
 @dataclass
