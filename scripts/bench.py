@@ -5,9 +5,10 @@
 Starts both servers itself with identical explicit flags and environment (so nothing depends on the
 defaults streaming_server.py would add), then measures them alternately — round by round, the order
 swapped every round — at 1, 4 and 16 concurrent streams: fixed prompts (32 seeded random tokens, new for
-every request), a fixed output length (`ignore_eos`), warm-up excluded. Prints medians and p90/p99 of TTFT, ITL and TPOT, output tokens/s and
-the ratio ours/plain for each; writes JSON and a plot under bench-results/. Also times the client's own
-per-chunk cost on a recorded stream, and runs vLLM's benchmark client on our server as a cross-check.
+every request), a fixed output length (`ignore_eos`), warm-up excluded. Prints medians and p90/p99 of
+TTFT, ITL and TPOT, output tokens/s and the ratio ours/plain for each, then how far that ratio swings
+round by round (the noise floor); writes JSON and a plot under bench-results/. Also times the client's
+own per-chunk cost on a recorded stream, and runs vLLM's benchmark client on our server as a cross-check.
 The measurement code is the notebooks' (`streaming_tutorial.latency`).
 """
 
@@ -31,7 +32,7 @@ import httpx
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from streaming_server import CPU_ENV_DEFAULTS, CPU_FLAG_DEFAULTS, cpu_dtype, running_on_cpu  # noqa: E402
+from streaming_server import CPU_FLAG_DEFAULTS, cpu_dtype, cpu_env_defaults, running_on_cpu  # noqa: E402
 from streaming_tutorial import latency  # noqa: E402
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: E402
 from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer  # noqa: E402
@@ -57,7 +58,7 @@ def effective_config() -> tuple[list[str], dict[str, str]]:
             if name != "kv_cache_memory_bytes":  # two servers side by side: the small test cache for both
                 flags += [f"--{name.replace('_', '-')}", str(value)]
         flags += ["--dtype", cpu_dtype()]
-        env.update(CPU_ENV_DEFAULTS)
+        env.update(cpu_env_defaults())
     return flags, env
 
 
@@ -153,21 +154,29 @@ def main() -> int:
         runs: dict[str, dict[int, list[latency.RequestResult]]] = {n: {c: [] for c in CONCURRENCY_LEVELS}
                                                                   for n in servers}
         durations = {n: {c: 0.0 for c in CONCURRENCY_LEVELS} for n in servers}
+        # ours/plain output tok/s round by round: how far apart two identical servers land by noise alone
+        round_ratios: dict[int, list[float]] = {c: [] for c in CONCURRENCY_LEVELS}
         for c in CONCURRENCY_LEVELS:
             count = requests_per_round(c)
             for round_index in range(args.rounds):
                 requests = bodies(count, args.output_len)  # the same new prompts for both servers
                 order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+                round_tok_s = {}
                 for name in order:
                     run = measure(servers[name], c, requests)
+                    round_tok_s[name] = latency.summarize_run(run).output_throughput
                     runs[name][c] += run.results
                     durations[name][c] += run.duration
                     failed = sum(not r.ok for r in run.results)
                     print(f"  {c:>2} streams, round {round_index + 1}/{args.rounds}, {name:<5}: {count} requests "
                           f"in {run.duration:5.1f} s{f', {failed} FAILED' if failed else ''}", flush=True)
+                round_ratios[c].append(round_tok_s["ours"] / round_tok_s["plain"])
         summaries = {n: {c: latency.summarize_run(latency.RunResult(c, runs[n][c], durations[n][c]))
                          for c in CONCURRENCY_LEVELS} for n in servers}
         print_table(summaries)
+        print("\nours/plain output tok/s, round by round (the spread is the noise one round carries):")
+        for c, ratios in round_ratios.items():
+            print(f"  {c:>2} streams: {min(ratios):.3f}–{max(ratios):.3f}  ({', '.join(f'{r:.3f}' for r in ratios)})")
         per_chunk = client_cost_per_chunk(servers["ours"], args.output_len)
         print(f"\nclient cost per chunk (parse + clock, recorded stream): {per_chunk * 1e6:.1f} µs")
         print(f"\ncross-check: vLLM's benchmark client on our server, same workload as the 4-stream rows "
@@ -189,6 +198,7 @@ def main() -> int:
     report = {"date": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "flags": flags, "env": env, "rounds": args.rounds, "input_len": INPUT_LEN,
               "output_len": args.output_len, "client_seconds_per_chunk": per_chunk,
+              "round_ratios_output_tok_s": {str(c): r for c, r in round_ratios.items()},
               "summaries": {n: {str(c): asdict(s) for c, s in by.items()} for n, by in summaries.items()},
               "vllm_bench_client_ours_4_streams": {k: v for k, v in vllm_result.items()
                                                    if isinstance(v, (int, float))}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,6 +28,26 @@ def test_cpu_defaults_apply_only_on_a_cpu():
         assert args.kv_cache_memory_bytes > 0  # unset, a second server beside the first cannot start
     else:  # a GPU keeps vLLM's own defaults
         assert (args.dtype, args.kv_cache_memory_bytes) == ("auto", None)
+
+
+def test_cpu_environment_defaults_fill_gaps_and_never_override_the_user(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
+    monkeypatch.setattr(streaming_server.psutil, "cpu_count", lambda logical=True: 2)
+    unset: dict[str, str] = {}
+    monkeypatch.setattr(os, "environ", unset)
+    streaming_server.apply_cpu_env_defaults()
+    assert unset == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}  # the engine gets both cores
+
+    exported = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+    monkeypatch.setattr(os, "environ", exported)
+    streaming_server.apply_cpu_env_defaults()
+    assert exported == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+
+
+def test_bigger_machines_keep_vllms_own_thread_binding(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(streaming_server.psutil, "cpu_count", lambda logical=True: 8)
+    assert streaming_server.cpu_env_defaults() == {}
 
 
 def test_user_flags_win_over_our_defaults():
