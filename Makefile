@@ -34,7 +34,7 @@ test: model ## Run the tests and the notebooks against real vLLM servers
 lab: model ## Open the notebooks in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/
 
-bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (about 10 minutes)
+bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (about 12 minutes)
 	$(VPY) scripts/bench.py
 
 study: model ## Measure each candidate CPU default, one server at a time (about 25 minutes)

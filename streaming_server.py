@@ -87,7 +87,7 @@ def cpu_env_defaults() -> dict[str, str]:
     if cores > 2:
         return {}  # vLLM's own binding: one core of many kept back costs little (and is unmeasured here)
     # vLLM keeps one core back from its engine for the API server; of two, that halves the engine. Giving
-    # it both measured 90-110 -> 128-133 tokens/s at 16 streams, single streams no slower.
+    # it both measured 89-110 -> 128-141 tokens/s at 16 streams in three runs, single streams no slower.
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
