@@ -9,16 +9,18 @@ every request), a fixed output length (`ignore_eos`), warm-up excluded. Prints m
 TTFT, ITL and TPOT, output tokens/s and the ratio ours/plain for each, then how far that ratio swings
 round by round (the noise floor); writes JSON and a plot under bench-results/. Also times the client's
 own per-chunk cost on a recorded stream, and runs vLLM's benchmark client on our server as a cross-check.
-The measurement code is the notebooks' (`streaming_tutorial.latency`).
+The measurement code is the notebooks' (`streaming_tutorial.latency`). Only start-up differs by design: on
+a CPU ours loads vLLM's saved compiled model (streaming_tutorial/compile_cache.py), which plain vLLM 0.32
+fails to load and compiles again; the figures are taken once both are up and warm.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
-import itertools
 import platform
 import random
 import sys
@@ -132,6 +134,15 @@ def plot(summaries: dict[str, dict[int, latency.RunSummary]], path: Path) -> Non
     fig.savefig(path, dpi=110)
 
 
+def write_report(kind: str, report: dict) -> Path:
+    """bench-results/<kind>-<UTC time>.json, with the date and the machine added; returns its path."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    path = RESULTS_DIR / f"{kind}-{stamp}.json"
+    path.write_text(json.dumps({"date": stamp, "machine": machine, **report}, indent=2))
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per concurrency level")
@@ -154,7 +165,7 @@ def main() -> int:
         runs: dict[str, dict[int, list[latency.RequestResult]]] = {n: {c: [] for c in CONCURRENCY_LEVELS}
                                                                   for n in servers}
         durations = {n: {c: 0.0 for c in CONCURRENCY_LEVELS} for n in servers}
-        # ours/plain output tok/s round by round: how far apart two identical servers land by noise alone
+        # ours/plain output tok/s round by round: their spread shows how far one round moves by noise alone
         round_ratios: dict[int, list[float]] = {c: [] for c in CONCURRENCY_LEVELS}
         for c in CONCURRENCY_LEVELS:
             count = requests_per_round(c)
@@ -194,17 +205,14 @@ def main() -> int:
     finally:
         for server in servers.values():
             server.stop()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-    report = {"date": stamp, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "flags": flags, "env": env, "rounds": args.rounds, "input_len": INPUT_LEN,
+    report = {"flags": flags, "env": env, "rounds": args.rounds, "input_len": INPUT_LEN,
               "output_len": args.output_len, "client_seconds_per_chunk": per_chunk,
               "round_ratios_output_tok_s": {str(c): r for c, r in round_ratios.items()},
               "summaries": {n: {str(c): asdict(s) for c, s in by.items()} for n, by in summaries.items()},
               "vllm_bench_client_ours_4_streams": {k: v for k, v in vllm_result.items()
                                                    if isinstance(v, (int, float))}}
-    json_path = RESULTS_DIR / f"bench-{stamp}.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    plot(summaries, RESULTS_DIR / f"bench-{stamp}.png")
+    json_path = write_report("bench", report)
+    plot(summaries, json_path.with_suffix(".png"))
     print(f"\nwrote {json_path} and {json_path.with_suffix('.png')}")
     return 0
 

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
-import json
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import bench  # scripts/bench.py: the workload and the measurement
@@ -131,10 +127,7 @@ def main() -> int:
             continue
         rows.append(study(variant, index))
     print("\n" + markdown(rows))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-    path = bench.RESULTS_DIR / f"study-{stamp}.json"
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    path.write_text(json.dumps({"date": stamp, "machine": machine, "output_len": OUTPUT_LEN, "rows": rows}, indent=2))
+    path = bench.write_report("study", {"output_len": OUTPUT_LEN, "rows": rows})
     print(f"\nwrote {path}")
     return 0
 
