@@ -51,8 +51,10 @@ except ImportError as error:
              "run `make setup`, then `make serve` or `.venv/bin/python streaming_server.py`.")
 
 from streaming_tutorial.compile_cache import let_inductor_artifacts_load
+from streaming_tutorial.limits import add_limit_args, install_limits, limits_health
 from streaming_tutorial.lifecycle import EngineDeathWatch, adopt_orphans, stop_leftover_processes
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, ModelPreparationError, prepare
+from streaming_tutorial.page import add_page_args, mount_page
 from streaming_tutorial.security import (ApiKeyMiddleware, BodySizeLimitMiddleware, api_keys,
                                          max_body_bytes_from_env, non_loopback_warning)
 
@@ -119,6 +121,8 @@ def make_parser():
     if running_on_cpu():
         defaults.update(CPU_FLAG_DEFAULTS, dtype=cpu_dtype())
     parser.set_defaults(**defaults)
+    add_page_args(parser)
+    add_limit_args(parser)
     return parser
 
 
@@ -148,6 +152,8 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
     # router for unknown paths; vLLM registers its handler only for FastAPI's subclass, so those answered
     # `{"detail": ...}`. Route them through vLLM's handler: every error has vLLM's error shape.
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    mount_page(app, args)
+    install_limits(app, args)
     # Outermost, so they run first: the key check, then the body-size limit (streaming_tutorial/security.py).
     # vLLM's SageMaker bootstrap already built the middleware stack, so insert ours and build it again.
     app.user_middleware.insert(0, Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes_from_env()))
@@ -171,6 +177,7 @@ async def health(request: Request) -> JSONResponse:
         "vllm_version": VLLM_VERSION,
         "device": state.vllm_config.device_config.device_type,
         "max_model_len": state.vllm_config.model_config.max_model_len,
+        **limits_health(request.app),
     }
     try:
         await state.engine_client.check_health()

@@ -38,7 +38,12 @@ OPEN_ROUTES: dict[str, frozenset[str]] = {
     "/docs": frozenset({"GET", "HEAD"}),
     "/docs/oauth2-redirect": frozenset({"GET", "HEAD"}),
     "/redoc": frozenset({"GET", "HEAD"}),
+    # The classroom page (streaming_tutorial/page.py): static files that hold no secret; the user pastes the
+    # key into the page, which sends it with each API call.
+    "/": frozenset({"GET", "HEAD"}),
 }
+# Path prefixes open to GET/HEAD: the page's static assets.
+OPEN_PREFIXES = ("/page/",)
 
 # 16 MiB: far above the longest prompt a text model's context holds (vLLM itself rejects a prompt over
 # ~81 characters per token of max_model_len), small enough that a classroom cannot fill the server's RAM.
@@ -58,6 +63,8 @@ async def send_error(send: Send, status: int, body: bytes, extra_headers: Iterab
 
 
 def is_open_route(path: str, method: str) -> bool:
+    if method in ("GET", "HEAD") and path.startswith(OPEN_PREFIXES):
+        return True
     return method in OPEN_ROUTES.get(path, ())
 
 
