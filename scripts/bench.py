@@ -18,68 +18,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
-import json
-import os
-import platform
-import random
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT))
+from streaming_tutorial import latency
+from streaming_tutorial.benchmark import (
+    INPUT_LEN,
+    RESULTS_DIR,
+    bodies,
+    effective_config,
+    measure,
+    requests_per_round,
+    write_report,
+)
+from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+from streaming_tutorial.server import LocalServer
 
-from streaming_server import CPU_FLAG_DEFAULTS, cpu_dtype, cpu_env_defaults, running_on_cpu  # noqa: E402
-from streaming_tutorial import latency  # noqa: E402
-from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME  # noqa: E402
-from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer  # noqa: E402
-
-RESULTS_DIR = PROJECT_ROOT / "bench-results"
 PLAIN_VLLM = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 CONCURRENCY_LEVELS = (1, 4, 16)
-INPUT_LEN = 32  # prompt tokens per request
 METRICS = (("ttft", "TTFT"), ("itl", "ITL"), ("tpot", "TPOT"))
-# Every request in a run gets a prompt no request before it had: a repeated prompt would hit the prefix
-# cache and flatter TTFT. Seeded, so every run sends the same prompts in the same order.
-_prompt_seeds = itertools.count()
-
-
-def effective_config() -> tuple[list[str], dict[str, str]]:
-    """The flags and environment both servers get: ours would add these by default on a CPU; here both get
-    them explicitly, so the comparison cannot depend on how ours sets them."""
-    flags = ["--model", str(DEFAULT_MODEL_DIR), "--served-model-name", DEFAULT_MODEL_NAME,
-             "--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]
-    env: dict[str, str] = {}
-    if running_on_cpu():
-        for name, value in CPU_FLAG_DEFAULTS.items():
-            if name != "kv_cache_memory_bytes":  # two servers side by side: the small test cache for both
-                flags += [f"--{name.replace('_', '-')}", str(value)]
-        flags += ["--dtype", cpu_dtype()]
-        env.update(cpu_env_defaults())
-    return flags, env
-
-
-def bodies(count: int, output_len: int) -> list[dict]:
-    """`count` requests of INPUT_LEN random token ids each (what vLLM's `random` dataset sends, so its
-    client can cross-check ours on the same workload), exactly `output_len` tokens out, greedy."""
-    def prompt() -> list[int]:
-        rng = random.Random(next(_prompt_seeds))
-        return [rng.randrange(1000, 40000) for _ in range(INPUT_LEN)]
-    return [{"model": DEFAULT_MODEL_NAME, "prompt": prompt(), "max_tokens": output_len,
-             "ignore_eos": True, "temperature": 0} for _ in range(count)]
-
-
-def requests_per_round(concurrency: int) -> int:
-    return max(8, 2 * concurrency)
-
-
-def measure(server: LocalServer, concurrency: int, requests: list[dict]) -> latency.RunResult:
-    return latency.run(server.url, "/v1/completions", requests, concurrency)
 
 
 def client_cost_per_chunk(server: LocalServer, output_len: int) -> float:
@@ -132,15 +93,6 @@ def plot(summaries: dict[str, dict[int, latency.RunSummary]], path: Path) -> Non
     fig.suptitle("streaming_server.py (ours) vs plain vLLM, same flags and environment")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def write_report(kind: str, report: dict) -> Path:
-    """bench-results/<kind>-<UTC time>.json, with the date and the machine added; returns its path."""
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    path = RESULTS_DIR / f"{kind}-{stamp}.json"
-    path.write_text(json.dumps({"date": stamp, "machine": machine, **report}, indent=2))
-    return path
 
 
 def main() -> int:

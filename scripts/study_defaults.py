@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bench  # scripts/bench.py: the workload and the measurement
+from streaming_tutorial import benchmark as bench
 from streaming_tutorial import latency
 from streaming_tutorial.server import LocalServer, ServerStartError
 

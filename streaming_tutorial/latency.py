@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
+import numpy as np
 
 from streaming_tutorial.sse import DONE, sse_events
 
@@ -221,17 +223,16 @@ def run(base_url: str, path: str, bodies: Sequence[dict], concurrency: int, api_
     return asyncio.run(main())
 
 
+def random_token_bodies(model: str, count: int, input_len: int, output_len: int,
+                        rng: random.Random) -> list[dict]:
+    """`count` completions requests of `input_len` random token ids each, exactly `output_len` tokens out
+    (`ignore_eos`), greedy: what vLLM's `random` dataset sends, so its client can cross-check on the same
+    workload. Every prompt is new, so the prefix cache cannot flatter TTFT."""
+    return [{"model": model, "prompt": [rng.randrange(1000, 40000) for _ in range(input_len)],
+             "max_tokens": output_len, "ignore_eos": True, "temperature": 0} for _ in range(count)]
+
+
 # --- statistics --------------------------------------------------------------------------------------------
-
-def percentile(sorted_values: Sequence[float], p: float) -> float:
-    """The p-th percentile with linear interpolation between closest ranks (numpy's default, which vLLM uses)."""
-    if not sorted_values:
-        return math.nan
-    rank = (len(sorted_values) - 1) * p / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
-
 
 @dataclass(frozen=True)
 class Stats:
@@ -242,10 +243,13 @@ class Stats:
     p99: float
 
     @classmethod
-    def of(cls, values: Iterable[float | None]) -> "Stats":
-        data = sorted(v for v in values if v is not None)
-        mean = math.fsum(data) / len(data) if data else math.nan
-        return cls(len(data), mean, percentile(data, 50), percentile(data, 90), percentile(data, 99))
+    def of(cls, values: Iterable[float | None]) -> Stats:
+        data = [v for v in values if v is not None]
+        if not data:
+            return cls(0, math.nan, math.nan, math.nan, math.nan)
+        # numpy's default (linear) percentiles, as vLLM's benchmark client reports them.
+        median, p90, p99 = (float(v) for v in np.percentile(data, [50, 90, 99]))
+        return cls(len(data), math.fsum(data) / len(data), median, p90, p99)
 
     def ms(self) -> str:
         return (f"mean {self.mean * 1e3:8.1f}  median {self.median * 1e3:8.1f}  p90 {self.p90 * 1e3:8.1f}  "

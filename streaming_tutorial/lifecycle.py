@@ -3,8 +3,11 @@
 - `adopt_orphans()`: makes the API server a Linux "child subreaper". When vLLM's EngineCore process dies
   abruptly (killed, crashed), its worker process is orphaned; vLLM's worker notices through a pipe but, on a
   busy machine, took 30-60 s to exit. As a subreaper the API server inherits such orphans, so:
-- `stop_leftover_processes()` (called when the server stops) ends every process still below it: SIGTERM,
-  a short grace period, then SIGKILL. After the server process exits, nothing of its tree survives.
+- `stop_leftover_processes()` (called when the server stops) ends every process still below it. After the
+  server process exits, nothing of its tree survives.
+- `stop_processes()`: the one way this project stops processes: SIGTERM, a grace period, then SIGKILL.
+  `stop_process_group()` applies it to a process group: a server started in its own session by `LocalServer`,
+  by a notebook (`stop_with_kernel`, whose watchdog is `python -m streaming_tutorial.lifecycle`) or by a test.
 - `EngineDeathWatch`: records whether the server stopped because the engine died (vLLM's
   `terminate_if_errored`, which its watchdog and its EngineDeadError handler call), so `main()` can exit
   with a non-zero code and a last log line that says so; vLLM 0.32 exits 0 in that case.
@@ -13,7 +16,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import time
 
 import psutil
 
@@ -32,8 +37,8 @@ def adopt_orphans() -> bool:
 
 
 def stop_leftover_processes(grace: float = 2.0) -> list[str]:
-    """SIGTERM every descendant of this process, SIGKILL those alive after `grace` seconds; returns the names
-    and pids of those that were still running (zombies, already dead, are only reaped)."""
+    """Stop every descendant of this process; returns the names and pids of those that were still running
+    (zombies, already dead, are only reaped)."""
     children = psutil.Process().children(recursive=True)
     running = []
     for child in children:
@@ -42,24 +47,63 @@ def stop_leftover_processes(grace: float = 2.0) -> list[str]:
                 running.append(f"{child.name()} (pid {child.pid})")
         except psutil.NoSuchProcess:
             pass
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    kill_survivors(children, grace)
+    stop_processes(children, grace)
     return running
 
 
-def kill_survivors(processes: list[psutil.Process], grace: float) -> None:
-    """Wait up to `grace` seconds for `processes` (already asked to stop) to exit, then SIGKILL the rest."""
-    _, alive = psutil.wait_procs(processes, timeout=grace)
+def stop_processes(processes: list[psutil.Process], grace: float) -> dict[int, int | None]:
+    """SIGTERM each process, wait up to `grace` seconds for all of them to exit, then SIGKILL the rest.
+    Returns {pid: exit code} (None where the process was not our child), e.g. -9 for one that was killed."""
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    gone, alive = psutil.wait_procs(processes, timeout=grace)
     for proc in alive:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=10)
+    killed, _ = psutil.wait_procs(alive, timeout=10)
+    return {proc.pid: getattr(proc, "returncode", None) for proc in [*gone, *killed]}
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """The processes of process group `pgid` (a server started with `start_new_session=True` leads one)."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+def stop_process_group(pgid: int, grace: float = 30.0) -> dict[int, int | None]:
+    """`stop_processes` on every process of group `pgid`: the server and its engine and worker processes."""
+    return stop_processes(group_members(pgid), grace)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_group_with(owner_pid: int, pgid: int, poll: float = 1.0) -> None:
+    """Wait while process `owner_pid` lives; if it dies first, stop group `pgid`. Returns once the group is
+    gone. The watchdog that `notebook.stop_with_kernel` starts runs this in a process of its own."""
+    while group_alive(pgid):
+        if not psutil.pid_exists(owner_pid):
+            stop_process_group(pgid)
+            return
+        time.sleep(poll)
 
 
 class EngineDeathWatch:
@@ -79,3 +123,7 @@ class EngineDeathWatch:
                     self.engine_died = True
 
             module.terminate_if_errored = watched
+
+
+if __name__ == "__main__":  # python -m streaming_tutorial.lifecycle OWNER_PID PGID: the watchdog
+    stop_group_with(int(sys.argv[1]), int(sys.argv[2]))

@@ -6,15 +6,14 @@ Used by the tests, the notebooks and the benchmark, in the style of vLLM's own `
         client = openai.OpenAI(base_url=server.url_for("v1"), api_key=server.api_key)
         ...
 
-The server runs in its own process group with its output in a log file; `stop()` sends SIGTERM to the
-whole group, waits, then SIGKILLs whatever of the process tree is left (vLLM's engine and worker
-processes included), so nothing outlives the `with` block.
+The server runs in its own process group with its output in a log file; `stop()` stops the whole group
+(vLLM's engine and worker processes included, `lifecycle.stop_process_group`), so nothing outlives the
+`with` block.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from streaming_tutorial.lifecycle import kill_survivors
+from streaming_tutorial.lifecycle import stop_process_group
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = PROJECT_ROOT / "streaming_server.py"
@@ -53,6 +52,28 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def wait_until_healthy(url: str, timeout: float, process: subprocess.Popen | None = None,
+                       log_path: Path | None = None) -> dict | None:
+    """Poll `url`/health until it answers 200 and return its JSON (None for plain vLLM's empty body). Fails
+    fast, with the log's last lines, if `process` (the server, when we started it) exits first."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerStartError(f"server exited with code {process.returncode} before it was healthy; "
+                                   f"last log lines ({log_path}):\n{tail(log_path)}")
+        try:
+            response = httpx.get(url.rstrip("/") + "/health", timeout=5)
+            if response.status_code == 200:
+                return response.json() if response.content.strip() else None
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as error:
+            last = type(error).__name__
+        time.sleep(1)
+    detail = f"; last log lines ({log_path}):\n{tail(log_path)}" if log_path else ""
+    raise ServerStartError(f"{url} is not healthy after {timeout:.0f} s ({last}){detail}")
+
+
 class LocalServer:
     """`streaming_server.py` (or plain vLLM, with `command=`) on a free loopback port."""
 
@@ -71,6 +92,7 @@ class LocalServer:
             self.argv += ["--api-key", api_key]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
+        self.health: dict | None = None  # /health's JSON once started
 
     @property
     def url(self) -> str:
@@ -83,7 +105,7 @@ class LocalServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def start(self) -> "LocalServer":
+    def start(self) -> LocalServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(self.argv, cwd=PROJECT_ROOT, env=self.env, stdout=log,
@@ -99,20 +121,8 @@ class LocalServer:
 
     def wait_until_healthy(self) -> dict | None:
         """Poll /health until it answers 200; return its JSON (None for plain vLLM's empty body)."""
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(f"server exited with code {self.process.returncode} before it was "
-                                       f"healthy; last log lines ({self.log_path}):\n{tail(self.log_path)}")
-            try:
-                response = httpx.get(self.url_for("health"), timeout=5)
-                if response.status_code == 200:
-                    return response.json() if response.content else None
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise ServerStartError(f"server not healthy after {self.startup_timeout:.0f} s; last log lines "
-                               f"({self.log_path}):\n{tail(self.log_path)}")
+        self.health = wait_until_healthy(self.url, self.startup_timeout, self.process, self.log_path)
+        return self.health
 
     def process_tree(self) -> list[psutil.Process]:
         """The server process and every process it started (engine, workers, resource tracker)."""
@@ -123,19 +133,19 @@ class LocalServer:
             return []
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the process group, wait up to `timeout`, then SIGKILL what is left. Returns the exit code."""
+        """Stop the server's whole process group (SIGTERM, then SIGKILL after `timeout`). Returns the exit code."""
         if self.process is None:
             return None
-        tree = self.process_tree()
         if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        kill_survivors(tree, timeout)
+            codes = stop_process_group(self.process.pid, timeout)
+            # psutil reaped our child, so Popen can no longer learn its exit code by itself.
+            if codes.get(self.process.pid) is not None:
+                self.process.returncode = codes[self.process.pid]
+        else:
+            stop_process_group(self.process.pid, timeout)  # what it left behind
         return self.process.wait(timeout=10)
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -3,7 +3,6 @@ Prometheus metrics, measure a server's memory, poll with deadlines, start a dest
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -11,6 +10,7 @@ from typing import TypeVar
 import httpx
 import psutil
 
+from streaming_tutorial.metrics import Samples, samples
 from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
 # Destructive tests start their own servers; eager mode skips torch.compile (start ~1 min instead of 2-4).
@@ -23,24 +23,9 @@ WORKSHOP_MODEL = "workshop-model"
 WORKSHOP_ROOT_PATH = "/tutorial"
 WORKSHOP_MAX_MODEL_LEN = 1024
 
-_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
-
-
-def metrics(base_url: str, headers: dict | None = None) -> dict[tuple[str, frozenset], float]:
-    """Every sample of /metrics as {(name, frozenset(label=value)): value}."""
-    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10).text
-    samples = {}
-    for line in text.splitlines():
-        if match := _SAMPLE.match(line):
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
-            samples[(match["name"], labels)] = float(match["value"])
-    return samples
-
-
-def metric(samples: dict, name: str, **labels: str) -> float:
-    """Sum of the samples called `name` whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+def metrics(base_url: str, headers: dict | None = None) -> Samples:
+    """Every sample of the server's /metrics, read with the project's one Prometheus reader."""
+    return samples(httpx.get(f"{base_url}/metrics", headers=headers, timeout=10).text)
 
 
 def wait_for(condition: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition") -> T:

@@ -15,8 +15,9 @@ import time
 
 import httpx
 import openai
+from server_checks import metrics, wait_for
 
-from server_checks import metric, metrics, wait_for
+from streaming_tutorial.metrics import metric
 
 ABORT_DEADLINE = 2.0  # seconds from the drop until the engine no longer runs the request
 LONG = {"max_tokens": 3000, "ignore_eos": True, "temperature": 0}
@@ -102,7 +103,8 @@ def test_raw_socket_close_aborts_the_request(server, model_name):
 
 
 def test_openai_stream_close_aborts_the_request(server, model_name):
-    client = openai.OpenAI(base_url=server.url_for("v1"), api_key=server.api_key or "unused", timeout=60)
+    client = openai.OpenAI(base_url=server.url_for("v1"), api_key=server.api_key or "unused", timeout=60,
+                           max_retries=0)
 
     def open_stream():
         stream = client.chat.completions.create(

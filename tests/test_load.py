@@ -8,9 +8,9 @@ import json
 import time
 
 import httpx
-import pytest
+from server_checks import metrics, tree_rss
 
-from server_checks import metric, metrics, tree_rss
+from streaming_tutorial.metrics import metric
 from streaming_tutorial.sse import DONE
 
 CONCURRENT_STREAMS = 64

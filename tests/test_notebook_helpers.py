@@ -1,4 +1,4 @@
-"""streaming_tutorial.notebook: reading /metrics, connecting to a given server, and tying a server's
+"""streaming_tutorial.notebook and .lifecycle: reading /metrics, choosing a server, and tying a server's
 process group to the kernel's life."""
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ import time
 
 import psutil
 
-from streaming_tutorial.notebook import connect, kill_process_group, metric, stop_with_kernel
+from streaming_tutorial import notebook
+from streaming_tutorial.lifecycle import stop_process_group
+from streaming_tutorial.metrics import metric
+from streaming_tutorial.notebook import connect
+from streaming_tutorial.server import free_port
 
 METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -48,13 +52,13 @@ def _wait_gone(pgid: int, timeout: float) -> bool:
     return False
 
 
-def test_kill_process_group_escalates_to_sigkill():
+def test_stopping_a_process_group_escalates_to_sigkill():
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"],
                                 start_new_session=True)
     time.sleep(0.5)
-    kill_process_group(stubborn.pid, timeout=1)
-    assert stubborn.wait(timeout=5) == -9
+    assert stop_process_group(stubborn.pid, grace=1) == {stubborn.pid: -9}
+    assert not _group_alive(stubborn.pid)
 
 
 def test_server_group_dies_when_the_kernel_is_killed():
@@ -66,8 +70,7 @@ def test_server_group_dies_when_the_kernel_is_killed():
         "server = subprocess.Popen(['sleep', '120'], start_new_session=True)\n"
         "stop_with_kernel(server.pid)\n"
         "print(server.pid, flush=True)\n"
-        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
-        env={**os.environ, "PYTHONPATH": os.getcwd()})
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     server_pid = int(kernel.stdout.readline())
     assert _group_alive(server_pid)
     kernel.kill()
@@ -83,7 +86,7 @@ def test_server_group_dies_at_normal_exit():
         "stop_with_kernel(server.pid)\n"
         "print(server.pid)\n"
         "raise SystemExit(3)  # like a failed cell followed by kernel shutdown\n")],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
+        capture_output=True, text=True, timeout=60)
     assert kernel.returncode == 3, kernel.stderr
     assert _wait_gone(int(kernel.stdout.split()[0]), 5)
 
@@ -97,3 +100,25 @@ def test_connect_uses_the_given_server(server, monkeypatch):
     assert conn.model() == "SmolLM2-135M-Instruct"
     conn.close()  # a given server is left running
     assert psutil.Process(server.process.pid).is_running()
+
+
+def test_connect_prefers_the_given_url_and_never_probes_make_serve(server, monkeypatch):
+    """With TUTORIAL_SERVER_URL set (as `make test` sets it for nbmake), a stray server on 8000 is not used."""
+    probed = []
+    monkeypatch.setattr(notebook, "running_health", lambda url: probed.append(url))
+    monkeypatch.setenv("TUTORIAL_SERVER_URL", server.url)
+    assert connect().url == server.url
+    assert probed == []
+
+
+def test_connect_uses_a_healthy_server_at_make_serves_address(server, monkeypatch, capsys):
+    monkeypatch.delenv("TUTORIAL_SERVER_URL", raising=False)
+    monkeypatch.setattr(notebook, "MAKE_SERVE_URL", server.url)
+    conn = connect()
+    assert conn.url == server.url and conn.server is None
+    assert conn.health["status"] == "healthy"
+    assert "`make serve`'s address answered /health" in capsys.readouterr().out
+
+
+def test_running_health_is_none_where_nothing_listens():
+    assert notebook.running_health(f"http://127.0.0.1:{free_port()}") is None

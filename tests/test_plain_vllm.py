@@ -7,9 +7,11 @@ import sys
 import httpx
 import openai
 import pytest
-
 from server_checks import own_server
+
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+
+pytestmark = pytest.mark.server  # every test here starts its own server
 
 PLAIN_VLLM = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
@@ -30,7 +32,7 @@ def test_plain_vllm_health_is_an_empty_200(plain_server):
 
 
 def test_plain_vllm_streams_the_seed_example(plain_server):
-    client = openai.OpenAI(base_url=plain_server.url_for("v1"), api_key="EMPTY")
+    client = openai.OpenAI(base_url=plain_server.url_for("v1"), api_key="EMPTY", max_retries=0)
     model = client.models.list().data[0].id
     stream = client.chat.completions.create(
         model=model, stream=True, temperature=0, max_tokens=32,

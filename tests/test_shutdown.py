@@ -12,9 +12,11 @@ import time
 import httpx
 import psutil
 import pytest
+from server_checks import own_server
 
-from server_checks import own_server, wait_for
 from streaming_tutorial.server import tail
+
+pytestmark = pytest.mark.server  # every test here starts its own server
 
 STOP_DEADLINE = 15.0  # seconds from the signal (or the engine's death) until no process of the tree is left
 STREAMS = 3
@@ -57,7 +59,7 @@ def assert_streams_ended(threads, outcomes, since: float) -> list[str]:
     for thread in threads:
         thread.join(STOP_DEADLINE + 30)
         assert not thread.is_alive(), "a stream hung after the server stopped"
-    for i, outcome in sorted(outcomes.items()):
+    for _, outcome in sorted(outcomes.items()):
         assert outcome["ended"] - since < STOP_DEADLINE + 30
         events = outcome["events"]
         if any('"error"' in e for e in events):
