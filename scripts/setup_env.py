@@ -36,6 +36,7 @@ NETWORK_ERRORS = re.compile(r"NewConnectionError|Failed to establish a new conne
 NO_VERSION_AT_ALL = re.compile(r"requirement (\S+) \(from versions: none\)")
 MISSING_PACKAGE = re.compile(r"No matching distribution found for (\S+)")
 DISK_FULL = re.compile(r"No space left on device")
+PROGRESS_EVERY_S = 20
 
 
 class SetupError(Exception):
@@ -61,16 +62,21 @@ def check_disk() -> None:
 
 
 def run_pip(args: list[str], log_path: Path) -> None:
-    """Run pip in the venv, echoing its output and keeping it in a log; turn failures into one sentence."""
+    """Run pip in the venv with its output in a log, printing a short progress line now and then; turn
+    failures into one sentence."""
     command = [str(VENV_PYTHON), "-m", "pip", "--disable-pip-version-check", *args]
     with log_path.open("a") as log:
         log.write(f"\n$ {' '.join(command)}\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output = []
+        last_report = time.monotonic()
         for line in process.stdout:
             output.append(line)
             log.write(line)
-            print(f"  {line}", end="", flush=True)
+            if time.monotonic() - last_report > PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                collected = sum(line.startswith("Collecting") for line in output)
+                print(f"  ... still working: {collected} packages resolved so far", flush=True)
         code = process.wait()
     if code != 0:
         raise SetupError(explain_pip_failure("".join(output), code, log_path))

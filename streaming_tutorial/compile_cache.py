@@ -2,7 +2,7 @@
 
 vLLM saves the model's torch.compile'd forward pass ("AOT compile", on by default with torch >= 2.10) under
 ~/.cache/vllm, and on the next start with the same settings loads it instead of compiling again. On a CPU
-that load always failed, so every start compiled again (~110 s on 2 cores, against ~8 s to load): after
+that load always failed, so every start compiled again (minutes on a small CPU, against seconds to load): after
 loading, vLLM calls `finalize_loading()`, a method of its own compiled-function class, but a CPU engine
 compiles with plain inductor, whose loaded function (`BundledAOTAutogradSerializableCallable`) lacks it.
 It needs no finalizing either: it is complete once deserialized. vLLM logged "Compiling model again due to a

@@ -33,7 +33,15 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "manifest.json"
 # Files vLLM needs to serve the model; the manifest must list each of them.
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                  "chat_template.jinja")
+                  "chat_template.jinja", "generation_config.json")
+# vLLM's defaults for a request that does not set them (its `--generation-config auto` reads this folder's
+# generation_config.json; a request's own values win). Temperature and top-p are the model card's; without
+# them vLLM samples at temperature 1.0, and this small model rambles into gibberish. `max_new_tokens`
+# becomes vLLM's default `max_tokens`: at default sampling the model rarely stops by itself, and an answer
+# would otherwise run to the end of the context.
+GENERATION_DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 512}
+# Bumped whenever the prepared folder changes, so that an older folder is rebuilt.
+FORMAT = 2
 
 
 class ModelPreparationError(RuntimeError):
@@ -70,7 +78,7 @@ def write_manifest(folder: Path) -> None:
     """Record every file's size and SHA-256 digest; written last, it marks the folder complete."""
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"source": GGUF_FILE, "files": files}, indent=2))
+    (folder / MANIFEST).write_text(json.dumps({"source": GGUF_FILE, "format": FORMAT, "files": files}, indent=2))
 
 
 def verify(model_dir: Path = DEFAULT_MODEL_DIR, *, check_digests: bool = True) -> str | None:
@@ -81,9 +89,12 @@ def verify(model_dir: Path = DEFAULT_MODEL_DIR, *, check_digests: bool = True) -
     if not manifest_path.is_file():
         return "folder has no manifest (an interrupted preparation)"
     try:
-        files = json.loads(manifest_path.read_text())["files"]
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
     except (ValueError, KeyError, TypeError):
         return "manifest is unreadable"
+    if manifest.get("format") != FORMAT:
+        return "prepared by an older version of this project"
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
         return f"manifest does not list {', '.join(missing)}"
@@ -113,6 +124,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    model.generation_config.update(do_sample=True, **GENERATION_DEFAULTS)
     _log("writing safetensors weights")
     model.save_pretrained(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

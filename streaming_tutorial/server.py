@@ -29,7 +29,7 @@ from streaming_tutorial.lifecycle import stop_process_group
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = PROJECT_ROOT / "streaming_server.py"
 LOG_DIR = PROJECT_ROOT / "logs"  # gitignored; servers started by tests and notebooks log here
-# A cold start compiles the model (about 2-4 minutes on 2 busy cores); a warm one takes about half.
+# A cold start compiles the model, which takes minutes on a small busy CPU (docs/benchmarks.md).
 DEFAULT_STARTUP_TIMEOUT = 600.0
 # Tests and notebooks share the machine with other servers: keep each one's KV cache small and explicit.
 TEST_KV_CACHE_BYTES = str(512 << 20)

@@ -13,7 +13,7 @@ import psutil
 from streaming_tutorial.metrics import Samples, samples
 from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
-# Destructive tests start their own servers; eager mode skips torch.compile (start ~1 min instead of 2-4).
+# Destructive tests start their own servers; eager mode skips torch.compile, so they are ready sooner.
 OWN_SERVER_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]
 ERROR_FIELDS = {"message", "type", "param", "code"}
 T = TypeVar("T")

@@ -91,6 +91,18 @@ def test_prepare_on_the_real_model_is_a_verified_no_op():
     config = json.loads((model.DEFAULT_MODEL_DIR / "config.json").read_text())
     assert "quantization_config" not in config, "the GGUF quantization flag must not reach vLLM"
     assert (model.DEFAULT_MODEL_DIR / "chat_template.jinja").read_text().strip()
+    generation = json.loads((model.DEFAULT_MODEL_DIR / "generation_config.json").read_text())
+    assert generation.items() >= model.GENERATION_DEFAULTS.items(), "vLLM reads its sampling defaults here"
+
+
+def test_a_folder_of_an_older_format_is_rebuilt(fake_conversion):
+    model.prepare(fake_conversion)
+    manifest = json.loads((fake_conversion / model.MANIFEST).read_text())
+    manifest.pop("format")
+    (fake_conversion / model.MANIFEST).write_text(json.dumps(manifest))
+    assert "older version" in model.verify(fake_conversion)
+    model.prepare(fake_conversion)
+    assert model.verify(fake_conversion) is None
 
 
 def test_missing_gguf_package_is_one_clear_sentence(monkeypatch):

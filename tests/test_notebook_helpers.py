@@ -3,7 +3,6 @@ process group to the kernel's life."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import psutil
 
 from streaming_tutorial import notebook
-from streaming_tutorial.lifecycle import stop_process_group
+from streaming_tutorial.lifecycle import group_alive, stop_process_group
 from streaming_tutorial.metrics import metric
 from streaming_tutorial.notebook import connect
 from streaming_tutorial.server import free_port
@@ -35,18 +34,10 @@ def test_metric_sums_matching_samples():
     assert metric(METRICS, "vllm:no_such_metric") == 0.0
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def _wait_gone(pgid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _group_alive(pgid):
+        if not group_alive(pgid):
             return True
         time.sleep(0.1)
     return False
@@ -54,11 +45,11 @@ def _wait_gone(pgid: int, timeout: float) -> bool:
 
 def test_stopping_a_process_group_escalates_to_sigkill():
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
-                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"],
-                                start_new_session=True)
-    time.sleep(0.5)
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ignoring SIGTERM', flush=True)\n"
+                                 "time.sleep(60)"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline().strip() == "ignoring SIGTERM"
     assert stop_process_group(stubborn.pid, grace=1) == {stubborn.pid: -9}
-    assert not _group_alive(stubborn.pid)
+    assert not group_alive(stubborn.pid)
 
 
 def test_server_group_dies_when_the_kernel_is_killed():
@@ -72,7 +63,7 @@ def test_server_group_dies_when_the_kernel_is_killed():
         "print(server.pid, flush=True)\n"
         "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     server_pid = int(kernel.stdout.readline())
-    assert _group_alive(server_pid)
+    assert group_alive(server_pid)
     kernel.kill()
     kernel.wait()
     assert _wait_gone(server_pid, 10), "the server outlived its kernel"

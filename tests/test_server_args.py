@@ -81,3 +81,19 @@ def test_help_lists_vllm_flags_with_our_defaults():
                  "--kv-cache-memory-bytes", "--enforce-eager"):
         assert flag in result.stdout
     assert "Host name. (default: 127.0.0.1)" in result.stdout
+
+
+def test_the_ready_banner_gives_the_url_the_page_a_curl_line_and_the_notebook_setting():
+    banner = streaming_server.ready_banner(streaming_server.parse_args([]))
+    assert "Ready: http://127.0.0.1:8000\n" in banner
+    assert "page:      http://127.0.0.1:8000/" in banner
+    assert "curl -N http://127.0.0.1:8000/v1/chat/completions" in banner and DEFAULT_MODEL_NAME in banner
+    assert "TUTORIAL_SERVER_URL=http://127.0.0.1:8000" in banner and "Authorization" not in banner
+
+
+def test_the_ready_banner_of_a_keyed_network_server_asks_for_the_key_and_never_shows_it():
+    banner = streaming_server.ready_banner(streaming_server.parse_args(["--host", "0.0.0.0",
+                                                                        "--api-key", "s3cret"]))
+    assert "listening on 0.0.0.0" in banner
+    assert "Authorization: Bearer <key>" in banner and "TUTORIAL_API_KEY=<key>" in banner
+    assert "s3cret" not in banner

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import vllm
 
-from streaming_tutorial.model import DEFAULT_MODEL_NAME
+from streaming_tutorial.model import DEFAULT_MODEL_NAME, GENERATION_DEFAULTS
 from streaming_tutorial.sse import DONE, sse_events
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -28,6 +28,11 @@ def chat_text(events) -> str:
 
 def completion_text(events) -> str:
     return "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+
+
+def test_the_server_announces_itself_once_ready(server, http):
+    assert http.get("/health").status_code == 200
+    assert f"Ready: {server.url}\n" in server.log_path.read_text(errors="replace")
 
 
 def test_health_is_json(http):
@@ -112,3 +117,22 @@ def test_unknown_model_is_a_404_in_vllm_error_shape(http):
     assert set(error) >= {"message", "type", "code"}
     assert "no-such-model" in error["message"]
     assert http.get("/health").status_code == 200
+
+
+def test_the_seed_story_ends_by_itself_or_at_the_models_default_cap(http, model_name):
+    """README's seed example, with no max_tokens and no sampling settings: vLLM applies the bundled model's
+    generation config, so the answer ends by itself or at its cap instead of running to the context's end."""
+    events = stream(http, "/v1/chat/completions", {
+        "model": model_name, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "Tell me a story"}]})
+    finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]][-1]
+    assert finish in ("stop", "length")
+    assert events[-2]["usage"]["completion_tokens"] <= GENERATION_DEFAULTS["max_new_tokens"]
+
+
+def test_a_requests_own_max_tokens_wins_over_the_models_default_cap(http, model_name):
+    cap = GENERATION_DEFAULTS["max_new_tokens"]
+    events = stream(http, "/v1/completions", {"model": model_name, "prompt": "Once upon a time",
+                                               "max_tokens": cap + 8, "ignore_eos": True, "temperature": 0,
+                                               "stream_options": {"include_usage": True}})
+    assert events[-2]["usage"]["completion_tokens"] == cap + 8
