@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 from argparse import Namespace
+from contextlib import asynccontextmanager
 
 try:
     import psutil
@@ -77,7 +78,7 @@ CPU_FLAG_DEFAULTS = {
     # Bounds the longest prompt a 2-core machine has to prefill.
     "max_model_len": 4096,
     # Unset, vLLM's CPU worker reserves most of the RAM, and a second server beside it refuses to start.
-    # 1 GiB holds ~23,000 tokens of SmolLM2-135M's fp32 KV cache; 256 MiB or 4 GiB streamed no faster.
+    # Room for several full contexts of the bundled model; a smaller or larger cache streamed no faster.
     "kv_cache_memory_bytes": 1 << 30,
 }
 
@@ -88,8 +89,8 @@ def cpu_env_defaults() -> dict[str, str]:
     cores = min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False) or os.cpu_count())
     if cores > 2:
         return {}  # vLLM's own binding: one core of many kept back costs little (and is unmeasured here)
-    # vLLM keeps one core back from its engine for the API server; of two, that halves the engine. Giving
-    # it both measured 89-110 -> 128-141 tokens/s at 16 streams in three runs, single streams no slower.
+    # vLLM keeps one core back from its engine for the API server; of two, that halves the engine. Giving it
+    # both streamed faster under load and no slower alone (docs/benchmarks.md, the CPU defaults study).
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
@@ -105,9 +106,8 @@ def running_on_cpu() -> bool:
 def cpu_dtype() -> str:
     """bf16 where the CPU computes it natively (AVX-512 bf16 or AMX), else fp32.
 
-    Measured: on an AVX-512-bf16 CPU, bf16 runs about twice as fast as fp32. On an AVX2-only CPU, oneDNN
-    refuses bf16 matmuls and vLLM falls back to torch's emulated bf16, which costs 2-5x fp32 per layer and
-    grows with the batch, so throughput stayed flat (~20 tokens/s) from 1 to 16 streams.
+    On an AVX2-only CPU, oneDNN refuses bf16 matmuls and vLLM falls back to torch's emulated bf16, whose
+    cost grows with the batch, so throughput stays flat as streams are added (docs/benchmarks.md).
     """
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return "bfloat16" if native else "float32"
@@ -152,6 +152,7 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
     # router for unknown paths; vLLM registers its handler only for FastAPI's subclass, so those answered
     # `{"detail": ...}`. Route them through vLLM's handler: every error has vLLM's error shape.
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    announce_when_ready(app, args)
     mount_page(app, args)
     install_limits(app, args)
     # Outermost, so they run first: the key check, then the body-size limit (streaming_tutorial/security.py).
@@ -161,6 +162,44 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
         app.user_middleware.insert(0, Middleware(ApiKeyMiddleware, tokens=keys))
     app.middleware_stack = app.build_middleware_stack()
     return app
+
+
+def announce_when_ready(app, args: Namespace) -> None:
+    """Print `ready_banner` once the server accepts requests: vLLM's lifespan has started by then, and the
+    socket has been listening since before the engine loaded (vLLM binds it first)."""
+    vllm_lifespan = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app):
+        async with vllm_lifespan(app):
+            print(ready_banner(args), flush=True)
+            yield
+
+    app.router.lifespan_context = lifespan
+
+
+def ready_banner(args: Namespace) -> str:
+    """What a person needs once the server is up: where it is, the page, a first request, the notebooks."""
+    if getattr(args, "uds", None):
+        return f"\n  Ready on the Unix socket {args.uds}.\n"
+    host = args.host or "0.0.0.0"
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"{'https' if args.ssl_certfile else 'http'}://{shown}:{args.port}{args.root_path or ''}"
+    model = (args.served_model_name or [args.model])[0]
+    keys = api_keys(args)
+    auth = " -H 'Authorization: Bearer <key>'" if keys else ""
+    lines = [f"Ready: {url}",
+             *([f"  (listening on {host}: from other machines, use this machine's address)"] if shown != host else []),
+             f"  page:      {url}/" + ("  (off: --no-page)" if getattr(args, "no_page", False) else ""),
+             f"  try it:    curl -N {url}/v1/chat/completions{auth} \\",
+             "               -H 'Content-Type: application/json' -d '{\"model\": "
+             f"\"{model}\", \"stream\": true,",
+             "               \"messages\": [{\"role\": \"user\", \"content\": \"Say hello\"}]}'",
+             "  notebooks: `make lab` finds this server on 127.0.0.1:8000; elsewhere, set",
+             f"             TUTORIAL_SERVER_URL={url}" + (" TUTORIAL_API_KEY=<key>" if keys else ""),
+             "  stop:      Ctrl-C"]
+    width = max(len(line) for line in lines)
+    return "\n".join(["", "=" * width, *lines, "=" * width, ""])
 
 
 async def health(request: Request) -> JSONResponse:
