@@ -322,15 +322,16 @@ async def vllm_bench(argv: Sequence[str], api_key: str | None = None) -> dict:
 
     vLLM's client prints its whole configuration and progress notes before the table; they are kept out of
     the way (in "log"), and so is tqdm's warning about progress bars in notebooks."""
-    from vllm.benchmarks import serve
+    with warnings.catch_warnings():  # tqdm warns at import when a notebook lacks ipywidgets
+        warnings.simplefilter("ignore", category=TqdmWarning)
+        from vllm.benchmarks import serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
     args = parser.parse_args(bench_args_with_key(argv, api_key))
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=TqdmWarning)
+    with contextlib.redirect_stdout(printed):
         result = await serve.main_async(args)
     text = printed.getvalue()
     start = text.find(" Serving Benchmark Result ")

@@ -36,10 +36,11 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokeniz
                   "chat_template.jinja", "generation_config.json")
 # vLLM's defaults for a request that does not set them (its `--generation-config auto` reads this folder's
 # generation_config.json; a request's own values win). Temperature and top-p are the model card's; without
-# them vLLM samples at temperature 1.0, and this small model rambles into gibberish. `max_new_tokens`
-# becomes vLLM's default `max_tokens`: at default sampling the model rarely stops by itself, and an answer
-# would otherwise run to the end of the context.
-GENERATION_DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 512}
+# them vLLM samples at temperature 1.0, and this small model rambles into gibberish. At those settings it
+# still repeats one paragraph over and over; a mild repetition penalty breaks such loops. `max_new_tokens`
+# becomes vLLM's default `max_tokens`: the model rarely stops by itself, and an answer would otherwise run
+# to the end of the context.
+GENERATION_DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 512}
 # Bumped whenever the prepared folder changes, so that an older folder is rebuilt.
 FORMAT = 2
 
