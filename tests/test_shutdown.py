@@ -93,6 +93,7 @@ def test_signal_stops_the_server_and_every_child(signum):
         print(f"\n{signum.name}: exit code {code}, whole tree ({len(tree)} processes: {names}) gone after "
               f"{elapsed:.1f} s; in-flight stream: {endings}")
         assert code in (0, -signum, 128 + signum), code
+        assert "nanobind: leaked" not in server.log_path.read_text(errors="replace")  # a clean screen on Ctrl-C
 
 
 def engine_core(server) -> psutil.Process:
