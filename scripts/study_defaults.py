@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
+import re
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from streaming_tutorial import benchmark as bench
@@ -62,8 +64,31 @@ def variants() -> list[Variant]:
         Variant("--kv-cache-memory-bytes 256 MiB", ["--kv-cache-memory-bytes", str(256 << 20)]),
         Variant("--kv-cache-memory-bytes 4 GiB", ["--kv-cache-memory-bytes", str(4 << 30)]),
         Variant("--dtype bfloat16", ["--dtype", "bfloat16"]),
+        # vLLM's CPU platform forces the multiprocess executor (a Worker process beside the EngineCore) unless
+        # V1 multiprocessing is off; the async server keeps its EngineCore process either way, so this runs
+        # the worker inside it: one process fewer to start, each costing a torch and vLLM import.
+        Variant("worker inside the engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor)",
+                ["--distributed-executor-backend", "uni"], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, starts=2),
         Variant("shipped defaults, again (drift check)"),
     ]
+
+
+# Where a start spends its time: the first log line of each phase, as vLLM logs it (seconds resolution).
+PHASES = {"API server imported": "non-default args", "engine core up": "Initializing a V1 LLM engine",
+          "model loading": "Starting to load model", "compiled or loaded": "Warming up done",
+          "HTTP routes": "Starting vLLM server on"}
+LOG_TIME = re.compile(r" (\d\d-\d\d \d\d:\d\d:\d\d) ")
+
+
+def phases(log: Path, launched: datetime) -> dict[str, float]:
+    """Seconds from launch to the first log line of each of PHASES (those found)."""
+    found: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        for name, marker in PHASES.items():
+            if name not in found and marker in line and (stamp := LOG_TIME.search(line)):
+                when = datetime.strptime(f"{launched.year}-{stamp[1]}", "%Y-%m-%d %H:%M:%S")
+                found[name] = max(0.0, (when - launched.replace(microsecond=0)).total_seconds())
+    return dict(sorted(found.items(), key=lambda item: item[1]))
 
 
 def study(variant: Variant, index: int) -> dict:
@@ -75,10 +100,12 @@ def study(variant: Variant, index: int) -> dict:
             if server:
                 server.stop()
             server = LocalServer(variant.flags, env=variant.env, log_path=log)
-            began = time.perf_counter()
+            began, launched = time.perf_counter(), datetime.now()
             server.start()
             row["ready_s"].append(round(time.perf_counter() - began, 1))
-            print(f"    start {start + 1}: ready in {row['ready_s'][-1]:.0f} s", flush=True)
+            row.setdefault("phases_s", []).append(phases(log, launched))
+            print(f"    start {start + 1}: ready in {row['ready_s'][-1]:.0f} s; "
+                  + ", ".join(f"{name} at {t:.0f} s" for name, t in row["phases_s"][-1].items()), flush=True)
         bench.measure(server, 4, bench.bodies(4, 16))  # warm-up
         for streams in STREAMS:
             requests = bench.bodies(bench.requests_per_round(streams), OUTPUT_LEN)
@@ -98,16 +125,17 @@ def study(variant: Variant, index: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | ready (s) | 1 stream tok/s | 1 stream ITL ms | 16 streams tok/s | 16 streams TTFT ms |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | ready (s) | 1 stream tok/s | 1 stream ITL ms | 16 streams tok/s | 16 streams TTFT ms | "
+             "last start: s from launch to each phase |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         if "1" not in row:
-            lines.append(f"| {row['variant']} | {row.get('error') or row.get('skipped')} | | | | |")
+            lines.append(f"| {row['variant']} | {row.get('error') or row.get('skipped')} | | | | | |")
             continue
         one, many = row["1"], row["16"]
         lines.append(f"| {row['variant']} | {' / '.join(f'{s:.0f}' for s in row['ready_s'])} | "
                      f"{one['tokens_per_s']:.1f} | {one['itl_median_s'] * 1e3:.1f} | {many['tokens_per_s']:.1f} | "
-                     f"{many['ttft_median_s'] * 1e3:.0f} |")
+                     f"{many['ttft_median_s'] * 1e3:.0f} | "
+                     + ", ".join(f"{name} {t:.0f}" for name, t in row["phases_s"][-1].items()) + " |")
     return "\n".join(lines)
 
 
