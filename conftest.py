@@ -21,7 +21,7 @@ from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 SESSION_SERVER_ARGS = ["--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]
 
 
-NOTEBOOKS_WITH_OWN_SERVER = {"01-start-the-server.ipynb"}
+NOTEBOOKS_WITH_OWN_SERVER = {"01-start-the-server.ipynb", "07-scale-out-with-a-router.ipynb"}
 
 _session_server: LocalServer | None = None
 

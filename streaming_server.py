@@ -2,9 +2,11 @@
 
 This is vLLM's own server, not a copy: the app comes from vLLM's app builder and is served by
 vLLM's launcher (socket set-up, SSL, Unix sockets, the engine-death watchdog, signal handling).
-We only add our routes to the app vLLM builds (`create_app`) and pick defaults for flags the user
-did not give; on a CPU we also let vLLM reuse its saved compiled model across restarts
-(streaming_tutorial/compile_cache.py). Every vLLM flag passes through unchanged.
+We only add our routes and middlewares to the app vLLM builds (`create_app`): API keys by name, reloaded from
+a keys file, and the limits that keep one user of a shared server from stalling the others
+(streaming_tutorial/keys.py, security.py, limits.py); and we pick defaults for flags the user did not give.
+On a CPU we also let vLLM reuse its saved compiled model across restarts (streaming_tutorial/compile_cache.py).
+Every vLLM flag passes through unchanged.
 
 Run it (inside the project's virtualenv; `make serve` does this for you):
 
@@ -43,6 +45,7 @@ try:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.entrypoints.serve.exception_handling.handlers import vllm_error as vllm_error_handler
     from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args, init_logger
     from vllm.platforms import current_platform
@@ -52,12 +55,18 @@ except ImportError as error:
              "run `make setup`, then `make serve` or `.venv/bin/python streaming_server.py`.")
 
 from streaming_tutorial.compile_cache import let_inductor_artifacts_load
-from streaming_tutorial.limits import add_limit_args, install_limits, limits_health
+from streaming_tutorial.keys import KeysFileError, keyring_from_args, keys_file_arg, merge_repeated_api_key
 from streaming_tutorial.lifecycle import EngineDeathWatch, adopt_orphans, stop_leftover_processes
+from streaming_tutorial.limits import add_limit_args, count_unauthorized, health_problem, install_limits, limits_health
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME, ModelPreparationError, prepare
 from streaming_tutorial.page import add_page_args, mount_page
-from streaming_tutorial.security import (ApiKeyMiddleware, BodySizeLimitMiddleware, api_keys,
-                                         max_body_bytes_from_env, non_loopback_warning)
+from streaming_tutorial.security import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    api_keys,
+    max_body_bytes_from_env,
+    non_loopback_warning,
+)
 
 logger = init_logger("vllm.streaming_server")  # under "vllm", so it gets vLLM's log format and handler
 
@@ -70,6 +79,10 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 # Seconds the HTTP server waits for open connections once the engine has stopped (see main()).
 HTTP_SHUTDOWN_GRACE_S = 3
+
+# The bundled model's tool-call parser: SmolLM2 was trained on `<tool_call>[{"name": ..., "arguments": ...}]`,
+# xLAM's format. Applied with --enable-auto-tool-choice unless either tool flag is given.
+BUNDLED_MODEL_TOOL_CALL_PARSER = "xlam"
 
 # Defaults applied only when vLLM runs on a CPU and the user did not give the flag. Chosen by measurement
 # (`make study`; the table and the reasons are in README's CPU defaults study).
@@ -123,15 +136,23 @@ def make_parser():
     parser.set_defaults(**defaults)
     add_page_args(parser)
     add_limit_args(parser)
+    merge_repeated_api_key(parser)  # `--api-key K1 --api-key K2` keeps both (vLLM keeps only K2)
     return parser
 
 
 def parse_args(argv: list[str] | None = None) -> Namespace:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    parser.set_defaults(enable_auto_tool_choice=None)  # None: not given, so --no-enable-auto-tool-choice shows
+    args = parser.parse_args(argv)
     if args.model_tag:  # `streaming_server.py MODEL`, as in `vllm serve MODEL`
         args.model = args.model_tag
     if args.model == str(DEFAULT_MODEL_DIR) and not args.served_model_name:
         args.served_model_name = [DEFAULT_MODEL_NAME]
+    if args.model == str(DEFAULT_MODEL_DIR) and args.tool_call_parser is None and args.enable_auto_tool_choice is None:
+        # vLLM loads a tool parser only with auto tool choice on; without one, a named or "required" tool_choice
+        # is a 400. The bundled model's tool format is xLAM's (notebook 06 measures what it costs).
+        args.tool_call_parser, args.enable_auto_tool_choice = BUNDLED_MODEL_TOOL_CALL_PARSER, True
+    args.enable_auto_tool_choice = bool(args.enable_auto_tool_choice)
     return args
 
 
@@ -154,12 +175,16 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     announce_when_ready(app, args)
     mount_page(app, args)
-    install_limits(app, args)
-    # Outermost, so they run first: the key check, then the body-size limit (streaming_tutorial/security.py).
+    keyring = keyring_from_args(args)  # --api-key and --api-keys-file (streaming_tutorial/keys.py)
+    install_limits(app, args, model_config, keyring)  # streaming_tutorial/limits.py
+    # Outermost, so they run first: the key check, the body-size limit, then the limits (inserted just above).
     # vLLM's SageMaker bootstrap already built the middleware stack, so insert ours and build it again.
     app.user_middleware.insert(0, Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes_from_env()))
-    if keys := api_keys(args):
-        app.user_middleware.insert(0, Middleware(ApiKeyMiddleware, tokens=keys))
+    if keyring is not None:
+        # Ours replaces vLLM's key check, which knows only --api-key and would refuse the keys file's keys.
+        app.user_middleware[:] = [m for m in app.user_middleware if m.cls is not AuthenticationMiddleware]
+        app.user_middleware.insert(0, Middleware(ApiKeyMiddleware, keyring=keyring,
+                                                 on_unauthorized=count_unauthorized))
     app.middleware_stack = app.build_middleware_stack()
     return app
 
@@ -186,7 +211,7 @@ def ready_banner(args: Namespace) -> str:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"{'https' if args.ssl_certfile else 'http'}://{shown}:{args.port}{args.root_path or ''}"
     model = (args.served_model_name or [args.model])[0]
-    keys = api_keys(args)
+    keys = api_keys(args) or keys_file_arg(args)
     auth = " -H 'Authorization: Bearer <key>'" if keys else ""
     lines = [f"Ready: {url}",
              *([f"  (listening on {host}: from other machines, use this machine's address)"] if shown != host else []),
@@ -203,11 +228,13 @@ def ready_banner(args: Namespace) -> str:
 
 
 async def health(request: Request) -> JSONResponse:
-    """Engine health as JSON: 200 `{"status": "healthy", ...}`, or 503 `{"status": "unhealthy", ...}`.
+    """Engine health as JSON: 200 `{"status": "healthy", ...}`, or 503 with `"status"` "unhealthy" or
+    "overloaded", plus the limits and the engine's queue (streaming_tutorial/limits.py).
 
     Cheap enough to poll: it asks vLLM's `check_health()`, which only reports whether the engine has
-    already died (vLLM's watchdog then stops the whole server within seconds). It cannot see an
-    engine that hangs without dying; a request that streams tokens is the proof of that.
+    already died (vLLM's watchdog then stops the whole server within seconds), then whether new requests
+    would be refused now (a full queue: "overloaded") or the engine has had requests but produced nothing
+    for a minute ("unhealthy"). A request that streams tokens remains the final proof.
     """
     state = request.app.state
     args = state.args
@@ -223,6 +250,9 @@ async def health(request: Request) -> JSONResponse:
     except Exception as error:  # EngineDeadError, or anything else that means "cannot serve"
         return JSONResponse({"status": "unhealthy", "error": f"{type(error).__name__}: {error}", **body},
                             status_code=503)
+    if problem := health_problem(request.app):  # a full queue (new requests get 503) or a stalled engine
+        status, reason = problem
+        return JSONResponse({"status": status, "error": reason, **body}, status_code=503)
     return JSONResponse({"status": "healthy", **body})
 
 
@@ -233,7 +263,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
-    if warning := non_loopback_warning(args.host, api_keys(args), getattr(args, "uds", None)):
+    try:
+        keyring = keyring_from_args(args)  # a malformed keys file stops here, before the engine loads
+    except (OSError, KeysFileError) as error:
+        sys.exit(f"error: --api-keys-file: {error}")
+    if keyring is not None:
+        logger.info("API keys: %d (%s)", len(keyring), ", ".join(k.name for k in keyring.keys))
+    if warning := non_loopback_warning(args.host, [k.name for k in keyring.keys] if keyring else [],
+                                       getattr(args, "uds", None)):
         logger.warning(warning)
     if args.model == str(DEFAULT_MODEL_DIR):
         try:

@@ -1,9 +1,9 @@
 """What `streaming_server.py` adds to vLLM 0.32 to make a shared classroom server safe to expose.
 
-- `ApiKeyMiddleware`: with `--api-key` (or `VLLM_API_KEY`), *every* route needs the key except an explicit
-  allowlist of harmless read-only routes. vLLM's own middleware guards only paths starting with `/v1`, `/v2`,
-  `/inference`, `/cohere`, which leaves `/invocations` and `/generative_scoring` (both run inference),
-  `/scale_elastic_ep` (an admin action), `/tokenize`, `/detokenize` and `/kv_event_sources` open. An
+- `ApiKeyMiddleware`: with `--api-key` (or `VLLM_API_KEY`) or `--api-keys-file`, *every* route needs a key
+  except an explicit allowlist of harmless read-only routes. vLLM's own middleware guards only paths starting
+  with `/v1`, `/v2`, `/inference`, `/cohere`, which leaves `/invocations` and `/generative_scoring` (both run
+  inference), `/scale_elastic_ep` (an admin action), `/tokenize`, `/detokenize` and `/kv_event_sources` open. An
   allowlist fails closed: a route a future vLLM adds is guarded until someone decides it is harmless.
 - `BodySizeLimitMiddleware`: a request body larger than `max_bytes` gets a 413 before anything parses it
   (vLLM reads any body whole into memory first; thirty laptops can send a lot of bytes).
@@ -14,14 +14,15 @@ Errors use vLLM's error shape `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
-import secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from streaming_tutorial.keys import POLL_SECONDS, Key, KeyRing, flag_keys
 
 # Routes anyone may call without the key, with the methods allowed. Each is read-only and runs no inference:
 # liveness and load probes (`/health`, `/ping`, `/load`; SageMaker sends `POST /ping`), the vLLM version,
@@ -71,34 +72,50 @@ def is_open_route(path: str, method: str) -> bool:
 class ApiKeyMiddleware:
     """Pure ASGI: a request to any route outside `OPEN_ROUTES` needs `Authorization: Bearer <key>`, else 401.
 
+    The keys live in a `KeyRing` (streaming_tutorial/keys.py): `--api-key` values and a keys file that is
+    re-read when it changes (looked at, at most once a second, on a request; the server also polls it). The
+    matching key (its name, never the key) is put in the scope as `scope["tutorial.key"]` for the limits.
     Paths are compared after removing `--root-path`, as vLLM's own middleware does. CORS preflights
     (OPTIONS) pass, as in vLLM, since browsers never send credentials with them.
     """
 
-    def __init__(self, app: ASGIApp, tokens: list[str]) -> None:
-        if not tokens:
-            raise ValueError("ApiKeyMiddleware needs at least one key")
+    def __init__(self, app: ASGIApp, tokens: list[str] | None = None, keyring: KeyRing | None = None,
+                 on_unauthorized: Callable[[Scope], None] | None = None) -> None:
+        if keyring is None:
+            if not tokens:
+                raise ValueError("ApiKeyMiddleware needs at least one key")
+            keyring = KeyRing(flag_keys(tokens))
         self.app = app
-        self.token_hashes = [hashlib.sha256(t.encode()).digest() for t in tokens]
+        self.keyring = keyring
+        self.on_unauthorized = on_unauthorized
+        self.next_refresh = 0.0
 
-    def authorized(self, scope: Scope) -> bool:
+    def key_of(self, scope: Scope) -> Key | None:
+        now = time.monotonic()
+        if now >= self.next_refresh:  # a stat() call at most once a second
+            self.next_refresh = now + POLL_SECONDS
+            self.keyring.refresh()
         value = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer":
-            return False
-        digest = hashlib.sha256(token.strip().encode()).digest()
-        match = False
-        for expected in self.token_hashes:  # constant time, no early exit
-            match |= secrets.compare_digest(digest, expected)
-        return match
+            return None
+        return self.keyring.lookup(token.strip())
+
+    def authorized(self, scope: Scope) -> bool:
+        return self.key_of(scope) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         method = scope.get("method", "GET") if scope["type"] == "http" else "WEBSOCKET"
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-        if method == "OPTIONS" or is_open_route(path, method) or self.authorized(scope):
+        if method == "OPTIONS" or is_open_route(path, method):
             return await self.app(scope, receive, send)
+        if (key := self.key_of(scope)) is not None:
+            scope["tutorial.key"] = key
+            return await self.app(scope, receive, send)
+        if self.on_unauthorized is not None:
+            self.on_unauthorized(scope)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "Unauthorized"})
             return
@@ -145,6 +162,7 @@ class BodySizeLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+        scope["tutorial.body"] = body  # for the limits middleware (streaming_tutorial/limits.py): read once
         replay: list[Message] = ([{"type": "http.request", "body": body, "more_body": False}]
                                  if messages[-1]["type"] == "http.request" else messages[-1:])
 

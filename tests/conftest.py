@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
-import pytest
+import secrets
 
+import pytest
 from server_checks import WORKSHOP_KEY, WORKSHOP_MAX_MODEL_LEN, WORKSHOP_MODEL, WORKSHOP_ROOT_PATH, own_server
+
+from streaming_tutorial.keys import example_keys_file
+
+# The keys file of `keyed_server`: students by name (the default limit of requests in flight), the hog and its
+# neighbour of the hog test, and an instructor with a limit of their own (tests/test_limits.py, test_keys.py).
+WORKSHOP_STUDENTS = ["hog", "neighbour", *(f"student-{i}" for i in range(1, 7))]
+WORKSHOP_INSTRUCTOR_LIMIT = 16
+# Small, so that the queue bound is reached with a few dozen streams: vLLM runs at most 8 sequences at once, and
+# refuses new requests while 8 wait. Output tokens are capped below the bundled model's default (512), so the cap
+# is seen on a request that gives none.
+WORKSHOP_MAX_NUM_SEQS = 8
+WORKSHOP_MAX_WAITING = 8
+WORKSHOP_MAX_OUTPUT_TOKENS = 300
+
+
+def read_keys(text: str) -> dict[str, str]:
+    return dict(line.split(":")[:2] for line in text.splitlines() if line and not line.startswith("#"))
 
 
 @pytest.fixture(scope="session")
-def keyed_server():
-    """A server as a workshop runs it: an API key, plus flags checked end to end: a served model name,
-    a --max-model-len overriding our CPU default, and a --root-path (as behind a reverse proxy)."""
+def keyed_server(tmp_path_factory):
+    """A server as a workshop runs it: an API key (`--api-key`), plus flags checked end to end: a served model
+    name, a --max-model-len overriding our CPU default, a --root-path (as behind a reverse proxy), and a keys
+    file with the shared-server limits (`running.keys_file`, `running.keys`: name -> key, `running.settings`)."""
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    text = example_keys_file(WORKSHOP_STUDENTS)
+    text += f"instructor:{secrets.token_urlsafe(16)}:{WORKSHOP_INSTRUCTOR_LIMIT}\n"
+    keys_file.write_text(text)
     with own_server("keyed-server", ["--served-model-name", WORKSHOP_MODEL,
                                      "--max-model-len", str(WORKSHOP_MAX_MODEL_LEN),
-                                     "--root-path", WORKSHOP_ROOT_PATH], api_key=WORKSHOP_KEY) as running:
+                                     "--root-path", WORKSHOP_ROOT_PATH,
+                                     "--api-keys-file", str(keys_file),
+                                     "--max-num-seqs", str(WORKSHOP_MAX_NUM_SEQS),
+                                     "--max-waiting", str(WORKSHOP_MAX_WAITING),
+                                     "--max-output-tokens", str(WORKSHOP_MAX_OUTPUT_TOKENS)],
+                    api_key=WORKSHOP_KEY) as running:
+        running.keys_file = keys_file
+        running.keys = read_keys(text)
+        running.settings = {"max_num_seqs": WORKSHOP_MAX_NUM_SEQS, "max_waiting": WORKSHOP_MAX_WAITING,
+                            "max_output_tokens": WORKSHOP_MAX_OUTPUT_TOKENS,
+                            "instructor_limit": WORKSHOP_INSTRUCTOR_LIMIT}
         yield running

@@ -9,16 +9,16 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from server_checks import WORKSHOP_KEY, WORKSHOP_MAX_MODEL_LEN, WORKSHOP_MODEL, WORKSHOP_ROOT_PATH, error_of
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 import streaming_server
-from server_checks import WORKSHOP_KEY, WORKSHOP_MAX_MODEL_LEN, WORKSHOP_MODEL, WORKSHOP_ROOT_PATH, error_of
 from streaming_tutorial.security import OPEN_ROUTES, is_open_route
 
 # The decision, spelled out: these and only these answer without a key (see security.py for why).
 EXPECTED_OPEN = {"/health", "/ping", "/load", "/version", "/metrics", "/metrics/", "/openapi.json", "/docs",
-                 "/docs/oauth2-redirect", "/redoc"}
+                 "/docs/oauth2-redirect", "/redoc", "/"}  # "/": the classroom page (static, no secret)
 # Routes vLLM 0.32's own middleware leaves open although they run inference or act on the server.
 VLLM_GAPS = ["/invocations", "/generative_scoring", "/scale_elastic_ep", "/tokenize", "/detokenize",
              "/kv_event_sources", "/is_scaling_elastic_ep"]
@@ -125,7 +125,8 @@ def test_invocations_runs_inference_only_with_the_key(keyed_server):
 
 
 def test_workshop_client_streams_with_the_key(keyed_server):
-    client = openai.OpenAI(base_url=keyed_server.url + WORKSHOP_ROOT_PATH + "/v1", api_key=WORKSHOP_KEY)
+    client = openai.OpenAI(base_url=keyed_server.url + WORKSHOP_ROOT_PATH + "/v1", api_key=WORKSHOP_KEY,
+                           max_retries=0)
     assert [m.id for m in client.models.list().data] == [WORKSHOP_MODEL]
     stream = client.chat.completions.create(model=WORKSHOP_MODEL, stream=True, max_tokens=8, temperature=0,
                                             messages=[{"role": "user", "content": "Say hello"}])

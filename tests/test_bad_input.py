@@ -10,8 +10,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from server_checks import error_of
+
 from streaming_tutorial.security import DEFAULT_MAX_BODY_BYTES
 from streaming_tutorial.sse import DONE
 

@@ -44,9 +44,10 @@ def _wait_gone(pgid: int, timeout: float) -> bool:
 
 
 def test_stopping_a_process_group_escalates_to_sigkill():
-    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
-                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ignoring SIGTERM', flush=True)\n"
-                                 "time.sleep(60)"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    code = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ignoring SIGTERM', flush=True)\ntime.sleep(60)")
+    stubborn = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE,
+                                text=True)
     assert stubborn.stdout.readline().strip() == "ignoring SIGTERM"
     assert stop_process_group(stubborn.pid, grace=1) == {stubborn.pid: -9}
     assert not group_alive(stubborn.pid)

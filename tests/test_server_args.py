@@ -97,3 +97,20 @@ def test_the_ready_banner_of_a_keyed_network_server_asks_for_the_key_and_never_s
     assert "listening on 0.0.0.0" in banner
     assert "Authorization: Bearer <key>" in banner and "TUTORIAL_API_KEY=<key>" in banner
     assert "s3cret" not in banner
+
+
+def test_the_bundled_model_gets_a_tool_call_parser_so_named_and_required_tool_choice_work():
+    args = streaming_server.parse_args([])
+    assert (args.tool_call_parser, args.enable_auto_tool_choice) == (streaming_server.BUNDLED_MODEL_TOOL_CALL_PARSER,
+                                                                     True)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--tool-call-parser", "hermes"], ("hermes", False)),  # the user's parser, and vLLM's default for auto
+    (["--tool-call-parser", "hermes", "--enable-auto-tool-choice"], ("hermes", True)),
+    (["--no-enable-auto-tool-choice"], (None, False)),       # the way to serve the bundled model without one
+    (["--model", "some/model"], (None, False)),              # another model keeps vLLM's defaults
+])
+def test_tool_flags_the_user_gives_win_over_the_bundled_default(argv, expected):
+    args = streaming_server.parse_args(argv)
+    assert (args.tool_call_parser, args.enable_auto_tool_choice) == expected

@@ -1,0 +1,71 @@
+// The classroom page: a chat, a race of parallel streams, and a panel of the server's state.
+import { apiKey, failure, getJSON } from "./api.js";
+import { setupChat } from "./chat.js";
+import { setupPanel } from "./panel.js";
+import { setupRace } from "./race.js";
+
+const $ = (id) => document.getElementById(id);
+let models = null;  // the served model names, from v1/models (the API's own answer, not /health's)
+let loading = false;
+let needsKey = false;  // after a 401, wait for the user's key instead of asking again every second
+
+const currentModel = () => $("model").value || models?.[0];
+
+function showKeyForm(message) {
+  $("key-message").textContent = message;
+  $("key").hidden = false;
+  $("key-input").focus();
+}
+
+async function loadModels() {
+  if (loading) return;
+  loading = true;
+  try {
+    models = (await getJSON("v1/models")).data.map((model) => model.id);
+    $("model").replaceChildren(...models.map((id) => new Option(id, id)));
+    $("model-choice").hidden = models.length < 2;
+    $("key").hidden = true;
+  } catch (error) {
+    models = null;
+    console.warn("v1/models:", failure(error));
+  } finally {
+    loading = false;
+  }
+}
+
+function showTab() {
+  const name = location.hash === "#race" ? "race" : "chat";
+  for (const tab of ["chat", "race"]) {
+    $(tab).hidden = tab !== name;
+    $(`tab-${tab}`).setAttribute("aria-selected", String(tab === name));
+  }
+}
+
+window.addEventListener("api-key-needed", () => {
+  needsKey = true;
+  showKeyForm(apiKey.get()
+    ? "The server did not accept this API key. Paste the right one."
+    : "This server needs an API key. Paste it here: it stays in this tab only.");
+});
+$("key").addEventListener("submit", (event) => {
+  event.preventDefault();
+  apiKey.set($("key-input").value.trim());
+  $("key-input").value = "";
+  needsKey = false;
+  loadModels();
+});
+$("key-forget").addEventListener("click", () => {
+  apiKey.set("");
+  models = null;
+  showKeyForm("Key forgotten.");
+});
+$("key-toggle").addEventListener("click", () => {
+  if ($("key").hidden) showKeyForm(apiKey.get() ? "A key is set for this tab." : "No key set.");
+  else $("key").hidden = true;
+});
+window.addEventListener("hashchange", showTab);
+
+showTab();
+setupChat(currentModel);
+setupRace(currentModel);
+setupPanel(() => { if (!models && !needsKey) loadModels(); });
