@@ -177,6 +177,9 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
     mount_page(app, args)
     keyring = keyring_from_args(args)  # --api-key and --api-keys-file (streaming_tutorial/keys.py)
     install_limits(app, args, model_config, keyring)  # streaming_tutorial/limits.py
+    # What a request gets for the sampling parameters it leaves out (the model's generation config, the output
+    # cap on top), as vLLM computes it; shown by /health. Read once: vLLM reads the file on each call.
+    app.state.sampling_defaults = model_config.get_diff_sampling_param() if model_config is not None else {}
     # Outermost, so they run first: the key check, the body-size limit, then the limits (inserted just above).
     # vLLM's SageMaker bootstrap already built the middleware stack, so insert ours and build it again.
     app.user_middleware.insert(0, Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes_from_env()))
@@ -243,6 +246,7 @@ async def health(request: Request) -> JSONResponse:
         "vllm_version": VLLM_VERSION,
         "device": state.vllm_config.device_config.device_type,
         "max_model_len": state.vllm_config.model_config.max_model_len,
+        "sampling_defaults": getattr(state, "sampling_defaults", {}),
         **limits_health(request.app),
     }
     try:

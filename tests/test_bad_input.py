@@ -154,7 +154,7 @@ def streamable(body: dict) -> dict:
         body.pop("stream_options", None)
     if not body.get("logprobs"):
         body.pop("top_logprobs", None)
-    if "tools" in body:  # "auto" tool choice needs a tool-call parser flag; "none" works on any server
+    if "tools" in body:  # "none" works on any server; "auto" needs a tool-call parser (the bundled model has one)
         body["tool_choice"] = "none"
     return body
 

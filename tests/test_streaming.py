@@ -119,6 +119,13 @@ def test_unknown_model_is_a_404_in_vllm_error_shape(http):
     assert http.get("/health").status_code == 200
 
 
+def test_health_shows_what_a_request_gets_for_the_sampling_parameters_it_leaves_out(http):
+    defaults = http.get("/health").json()["sampling_defaults"]
+    expected = {**GENERATION_DEFAULTS, "max_tokens": GENERATION_DEFAULTS["max_new_tokens"]}
+    expected.pop("max_new_tokens")
+    assert defaults == expected
+
+
 def test_the_seed_story_ends_by_itself_or_at_the_models_default_cap(http, model_name):
     """README's seed example, with no max_tokens and no sampling settings: vLLM applies the bundled model's
     generation config, so the answer ends by itself or at its cap instead of running to the context's end."""
