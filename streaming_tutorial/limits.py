@@ -51,8 +51,7 @@ FLAGS = {
     "max_seqs_per_request": ("--max-seqs-per-request", "TUTORIAL_MAX_SEQS_PER_REQUEST", 4,
                              "Most sequences one request may start: n, best_of, and n × prompts."),
     # A cap, not the default: vLLM's default for a request without one is min(the model's generation-config
-    # default, this cap). The bundled model's default is 512; a 2-core CPU streams ~20 tokens/s, so 1024 tokens
-    # is already ~50 s of one stream.
+    # default, this cap). On a small CPU, 1024 tokens is most of a minute of one stream.
     "max_output_tokens": ("--max-output-tokens", "TUTORIAL_MAX_OUTPUT_TOKENS", 1024,
                           "Most output tokens per request (max_tokens and its aliases), also when a request "
                           "gives none."),

@@ -69,6 +69,19 @@ def settings(page: Page, prefix: str, temperature: float, max_tokens: int) -> No
     page.fill(f"#{prefix}-max-tokens", str(max_tokens))
 
 
+def start_race(page: Page, url: str, prompt: str, lanes: int, temperature: float, max_tokens: int,
+               key: str | None = None) -> None:
+    open_page(page, url, "#race")
+    if key:
+        page.fill("#key-input", key)
+        page.click("#key button:has-text('Use this key')")
+        page.wait_for_selector("#key", state="hidden")
+    page.fill("#race-prompts", prompt)
+    page.fill("#race-n", str(lanes))
+    settings(page, "race", temperature, max_tokens)
+    page.click("#race-start")
+
+
 def answer(page: Page) -> dict:
     """The last answer of the chat: its state, text, figures and error line."""
     return page.eval_on_selector(ANSWER, """item => ({state: item.dataset.state,
@@ -146,11 +159,7 @@ def test_stop_ends_the_generation_on_the_server_within_two_seconds(server, page)
 
 @pytest.mark.server
 def test_a_race_of_eight_greedy_lanes_ends_with_eight_identical_answers_and_eight_series(server, page):
-    open_page(page, server.url, "#race")
-    page.fill("#race-prompts", "Name three colors and describe each in one sentence.")
-    page.fill("#race-n", "8")
-    settings(page, "race", 0, 64)
-    page.click("#race-start")
+    start_race(page, server.url, "Name three colors and describe each in one sentence.", 8, 0, 64)
     most_running, deadline = 0, time.monotonic() + 180
     while page.get_attribute("#lanes", "data-state") != "finished":
         assert time.monotonic() < deadline, "the race did not end within 180 s"
@@ -172,11 +181,7 @@ def test_a_race_of_eight_greedy_lanes_ends_with_eight_identical_answers_and_eigh
 
 @pytest.mark.server
 def test_stopping_a_race_ends_every_lane_on_the_server_within_two_seconds(server, page):
-    open_page(page, server.url, "#race")
-    page.fill("#race-prompts", "Write a very long story about a dragon who learns to cook.")
-    page.fill("#race-n", "4")
-    settings(page, "race", 0.8, 1000)
-    page.click("#race-start")
+    start_race(page, server.url, "Write a very long story about a dragon who learns to cook.", 4, 0.8, 1000)
     wait_for(lambda: page.locator("#lanes .lane[data-state=streaming]").count() == 4 and running(server) == 4,
              120, what="the 4 lanes to stream")
     page.click("#race-stop")
@@ -210,14 +215,7 @@ def test_a_keyed_server_asks_for_the_key_then_streams_with_it(keyed_server, page
 
 def race_on_the_workshop_server(keyed_server, page, key: str, lanes: int) -> list[str]:
     """A race of `lanes` greedy lanes on the keyed workshop server with `key`; returns each lane's end state."""
-    open_page(page, keyed_server.url + WORKSHOP_ROOT_PATH, "#race")
-    page.fill("#key-input", key)
-    page.click("#key button:has-text('Use this key')")
-    page.wait_for_selector("#key", state="hidden")
-    page.fill("#race-prompts", "Name three colors.")
-    page.fill("#race-n", str(lanes))
-    settings(page, "race", 0, 48)
-    page.click("#race-start")
+    start_race(page, keyed_server.url + WORKSHOP_ROOT_PATH, "Name three colors.", lanes, 0, 48, key=key)
     page.wait_for_selector("#lanes[data-state=finished]", timeout=180_000)
     return page.eval_on_selector_all("#lanes .lane", "items => items.map(item => item.dataset.state)")
 
