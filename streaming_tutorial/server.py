@@ -74,7 +74,26 @@ def wait_until_healthy(url: str, timeout: float, process: subprocess.Popen | Non
     raise ServerStartError(f"{url} is not healthy after {timeout:.0f} s ({last}){detail}")
 
 
-class LocalServer:
+class Endpoint:
+    """The address of a server this package starts on `host`:`port`, and the headers its API key needs."""
+
+    host: str
+    port: int
+    api_key: str | None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url_for(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+class LocalServer(Endpoint):
     """`streaming_server.py` (or plain vLLM, with `command=`) on a free loopback port."""
 
     def __init__(self, args: list[str] | tuple[str, ...] = (), *, api_key: str | None = None,
@@ -93,17 +112,6 @@ class LocalServer:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
         self.health: dict | None = None  # /health's JSON once started
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def url_for(self, *parts: str) -> str:
-        return "/".join([self.url, *parts])
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def start(self) -> LocalServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
