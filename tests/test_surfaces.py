@@ -261,7 +261,10 @@ SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in 
 
 
 def stream_tool_calls(server, model: str, question: str, tool_choice) -> tuple[ToolCallAssembler, str | None]:
-    body = {"model": model, "temperature": 0, "max_tokens": 120, "tools": TOOLS, "tool_choice": tool_choice,
+    # One call per answer: with "required", vLLM's grammar is an array of calls, and without a bound a small
+    # model may go on adding calls until max_tokens cuts the arguments short.
+    body = {"model": model, "temperature": 0, "max_tokens": 200, "tools": TOOLS, "tool_choice": tool_choice,
+            "parallel_tool_calls": False,
             "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]}
     with httpx.Client(base_url=server.url, timeout=300) as http:
         events = events_of(raw_stream(http, "/v1/chat/completions", body))
