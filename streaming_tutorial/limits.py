@@ -270,9 +270,11 @@ def counters() -> dict[str, Any]:
     which vLLM's /metrics serves with one API server process (vLLM uses a multiprocess registry only when it runs
     several API server processes; prometheus_client then writes these counters to that directory too)."""
     if not _COUNTERS:
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Gauge
         _COUNTERS.update(
             requests=Counter("tutorial:requests", "Inference requests accepted, per API key name.", ["key"]),
+            in_flight=Gauge("tutorial:requests_in_flight", "Inference requests accepted and not yet answered in "
+                            "full, per API key name.", ["key"], multiprocess_mode="livesum"),
             prompt_tokens=Counter("tutorial:prompt_tokens", "Prompt tokens of accepted requests, per API key "
                                   "name.", ["key"]),
             generation_tokens=Counter("tutorial:generation_tokens", "Tokens generated for accepted requests "
@@ -333,12 +335,14 @@ class Traffic:
     def add(self, flight: Flight) -> None:
         self.flights.setdefault(flight.name, set()).add(flight)
         self.sequences += flight.sequences
+        counters()["in_flight"].labels(key=flight.name).inc()
 
     def remove(self, flight: Flight) -> None:
         group = self.flights.get(flight.name)
         if group is not None and flight in group:
             group.discard(flight)
             self.sequences -= flight.sequences
+            counters()["in_flight"].labels(key=flight.name).dec()
             if not group:
                 del self.flights[flight.name]
 

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 from server_checks import metrics, wait_for
-from test_limits import Stream, async_client, engine_idle, stream_chat
+from test_limits import engine_idle
+from workshop_clients import Stream, async_client, stream_chat
 
 import streaming_server
 from streaming_tutorial.keys import KeyRing, KeysFileError, digest, example_keys_file, keyring_from_args, parse_keys
@@ -147,7 +148,7 @@ def test_editing_the_keys_file_adds_removes_and_changes_keys_while_streams_run(k
     revoked_before = metric(metrics(keyed_server.url), "tutorial:rejections_total", reason="revoked")
 
     async def scenario():
-        async with async_client(keyed_server) as client:
+        async with async_client(keyed_server.url) as client:
             removed = asyncio.create_task(stream_chat(client, keys["student-4"], Stream(), 250, long=True))
             changed = asyncio.create_task(stream_chat(client, keys["student-5"], Stream(), 250, long=True))
             kept = asyncio.create_task(stream_chat(client, keys["student-6"], Stream(), 120, long=True))
