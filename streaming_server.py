@@ -24,6 +24,7 @@ Then stream from it:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from argparse import Namespace
@@ -70,10 +71,29 @@ from streaming_tutorial.security import (
 
 logger = init_logger("vllm.streaming_server")  # under "vllm", so it gets vLLM's log format and handler
 
+
+def quiet_uniprocess_warnings() -> None:
+    """Drop three vLLM messages that the uniprocess executor on a CPU (`worker_inside_engine_core`) logs at
+    every start, and that do not hold for this server: the seed warning is about the offline `LLM` class, whose
+    engine shares the caller's process (ours has a process of its own); "Reducing Torch threads to 1" does not
+    happen, because the CPU worker has already bound its threads, and the next warning says it skipped that
+    (which is what we want: the model computes on every core)."""
+    unwanted = ("Since VLLM_ENABLE_V1_MULTIPROCESSING is set to False", "Reducing Torch threads from",
+                "CPU backend doesn't allow to use `torch.set_num_threads`")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0"
+                or not any(message in str(record.msg) for message in unwanted))
+
+    for name in ("vllm.engine.arg_utils", "vllm.utils.torch_utils", "vllm.v1.worker.cpu_worker"):
+        logging.getLogger(name).addFilter(keep)
+
+
 if current_platform.is_cpu():
     # At import, not in main(): vLLM's engine and worker processes are spawned, and spawning re-imports this
     # file in them (as __mp_main__), so this also runs in the worker, which loads the compiled model.
     let_inductor_artifacts_load()
+    quiet_uniprocess_warnings()
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -96,15 +116,33 @@ CPU_FLAG_DEFAULTS = {
 }
 
 
+def few_cores() -> bool:
+    """2 cores or fewer, as vLLM's thread binding counts them: physical ones, among those this process may use.
+    The CPU defaults below were measured on such a machine; on a bigger one vLLM's own choices stand."""
+    return min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False) or os.cpu_count()) <= 2
+
+
 def cpu_env_defaults() -> dict[str, str]:
     """Environment defaults on a CPU, each applied only where the user has not set the variable."""
-    # Cores as vLLM's thread binding counts them: physical ones, among those this process may use.
-    cores = min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False) or os.cpu_count())
-    if cores > 2:
+    if not few_cores():
         return {}  # vLLM's own binding: one core of many kept back costs little (and is unmeasured here)
     # vLLM keeps one core back from its engine for the API server; of two, that halves the engine. Giving it
     # both streamed faster under load and no slower alone (docs/benchmarks.md, the CPU defaults study).
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def worker_inside_engine_core(args: Namespace) -> bool:
+    """Whether the model runs in the EngineCore process (vLLM's uniprocess executor, what a single GPU uses)
+    rather than in a Worker process beside it, vLLM's choice on a CPU.
+
+    On 2 cores the Worker's two compute threads fill both, and the EngineCore must be scheduled in between for
+    every step; run in one process, a step streamed a third faster and a restart was ready sooner (one process
+    fewer to start). Only for one worker (no parallelism asked for), and not where the user chose an executor,
+    a thread binding, or V1 multiprocessing."""
+    return (running_on_cpu() and few_cores() and args.distributed_executor_backend is None
+            and args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size == 1
+            and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+            and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") == "0")
 
 
 def apply_cpu_env_defaults() -> None:
@@ -153,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
         # is a 400. The bundled model's tool format is xLAM's (notebook 06 measures what it costs).
         args.tool_call_parser, args.enable_auto_tool_choice = BUNDLED_MODEL_TOOL_CALL_PARSER, True
     args.enable_auto_tool_choice = bool(args.enable_auto_tool_choice)
+    if worker_inside_engine_core(args):
+        args.distributed_executor_backend = "uni"
     return args
 
 
@@ -265,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     if running_on_cpu():
         apply_cpu_env_defaults()
     args = parse_args(argv)
+    if args.distributed_executor_backend == "uni" and running_on_cpu():
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU platform replaces uni with mp
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     try:

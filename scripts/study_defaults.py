@@ -16,6 +16,7 @@ import argparse
 import ctypes.util
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,13 +43,14 @@ class Variant:
     flags: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     starts: int = 1  # starts > 1: the later starts show whether a compile cache is reused
+    cold: bool = False  # the first start on empty compile caches of its own (a fresh machine), the next reuse them
     needs: str | None = None  # a shared library the variant preloads, when missing: skipped, and said so
 
 
 def variants() -> list[Variant]:
     iomp, tcmalloc = shared_library("iomp5"), shared_library("tcmalloc_minimal") or shared_library("tcmalloc")
     return [
-        Variant("shipped defaults", starts=2),
+        Variant("shipped defaults", starts=2, cold=True),
         Variant("--enforce-eager", ["--enforce-eager"]),
         Variant("vLLM's AOT compile cache off (VLLM_USE_AOT_COMPILE=0): torch.compile's own caches only",
                 env={"VLLM_USE_AOT_COMPILE": "0"}, starts=2),
@@ -64,11 +66,10 @@ def variants() -> list[Variant]:
         Variant("--kv-cache-memory-bytes 256 MiB", ["--kv-cache-memory-bytes", str(256 << 20)]),
         Variant("--kv-cache-memory-bytes 4 GiB", ["--kv-cache-memory-bytes", str(4 << 30)]),
         Variant("--dtype bfloat16", ["--dtype", "bfloat16"]),
-        # vLLM's CPU platform forces the multiprocess executor (a Worker process beside the EngineCore) unless
-        # V1 multiprocessing is off; the async server keeps its EngineCore process either way, so this runs
-        # the worker inside it: one process fewer to start, each costing a torch and vLLM import.
-        Variant("worker inside the engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor)",
-                ["--distributed-executor-backend", "uni"], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, starts=2),
+        # vLLM's own layout on a CPU: a Worker process beside the EngineCore (the shipped default on 2 cores
+        # runs the model inside the EngineCore: streaming_server.worker_inside_engine_core).
+        Variant("a Worker process beside the engine core (vLLM's CPU default: --distributed-executor-backend mp)",
+                ["--distributed-executor-backend", "mp"], starts=2, cold=True),
         Variant("shipped defaults, again (drift check)"),
     ]
 
@@ -93,13 +94,17 @@ def phases(log: Path, launched: datetime) -> dict[str, float]:
 
 def study(variant: Variant, index: int) -> dict:
     log = bench.RESULTS_DIR / f"study-{index:02d}.log"
-    row: dict = {"variant": variant.name, "flags": variant.flags, "env": variant.env, "ready_s": []}
+    row: dict = {"variant": variant.name, "flags": variant.flags, "env": variant.env, "ready_s": [],
+                 "cold": variant.cold}
     server = None
+    caches = tempfile.TemporaryDirectory(prefix="study-caches-") if variant.cold else None
+    env = {**variant.env, **({"VLLM_CACHE_ROOT": f"{caches.name}/vllm", "TORCHINDUCTOR_CACHE_DIR":
+                                f"{caches.name}/inductor"} if caches else {})}
     try:
         for start in range(variant.starts):
             if server:
                 server.stop()
-            server = LocalServer(variant.flags, env=variant.env, log_path=log)
+            server = LocalServer(variant.flags, env=env, log_path=log)
             began, launched = time.perf_counter(), datetime.now()
             server.start()
             row["ready_s"].append(round(time.perf_counter() - began, 1))
@@ -121,18 +126,24 @@ def study(variant: Variant, index: int) -> dict:
     finally:
         if server:
             server.stop()
+        if caches:
+            caches.cleanup()
     return row
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | ready (s) | 1 stream tok/s | 1 stream ITL ms | 16 streams tok/s | 16 streams TTFT ms | "
+    lines = ["| variant | ready (s; cold: on empty compile caches) | 1 stream tok/s | 1 stream ITL ms | "
+             "16 streams tok/s | 16 streams TTFT ms | "
              "last start: s from launch to each phase |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         if "1" not in row:
             lines.append(f"| {row['variant']} | {row.get('error') or row.get('skipped')} | | | | | |")
             continue
         one, many = row["1"], row["16"]
-        lines.append(f"| {row['variant']} | {' / '.join(f'{s:.0f}' for s in row['ready_s'])} | "
+        ready = [f"{s:.0f}" for s in row["ready_s"]]
+        if row.get("cold"):
+            ready[0] = f"{ready[0]} cold"
+        lines.append(f"| {row['variant']} | {' / '.join(ready)} | "
                      f"{one['tokens_per_s']:.1f} | {one['itl_median_s'] * 1e3:.1f} | {many['tokens_per_s']:.1f} | "
                      f"{many['ttft_median_s'] * 1e3:.0f} | "
                      + ", ".join(f"{name} {t:.0f}" for name, t in row["phases_s"][-1].items()) + " |")

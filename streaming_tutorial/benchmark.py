@@ -16,7 +16,7 @@ import random
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streaming_server import CPU_FLAG_DEFAULTS, cpu_dtype, cpu_env_defaults, running_on_cpu
+from streaming_server import CPU_FLAG_DEFAULTS, cpu_dtype, cpu_env_defaults, parse_args, running_on_cpu
 from streaming_tutorial import latency
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
 from streaming_tutorial.server import PROJECT_ROOT, TEST_KV_CACHE_BYTES, LocalServer
@@ -38,6 +38,9 @@ def effective_config() -> tuple[list[str], dict[str, str]]:
                 flags += [f"--{name.replace('_', '-')}", str(value)]
         flags += ["--dtype", cpu_dtype()]
         env.update(cpu_env_defaults())
+        if parse_args([]).distributed_executor_backend == "uni":  # the model inside the EngineCore process
+            flags += ["--distributed-executor-backend", "uni"]
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # without it vLLM's CPU platform replaces uni with mp
     return flags, env
 
 
@@ -62,3 +65,29 @@ def write_report(kind: str, report: dict) -> Path:
     path = RESULTS_DIR / f"{kind}-{stamp}.json"
     path.write_text(json.dumps({"date": stamp, "machine": machine, **report}, indent=2))
     return path
+
+
+def median_interval(values: list[float], confidence: float = 0.95, resamples: int = 4000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """The median of `values` and a bootstrap interval for it (percentile bootstrap: the median of `resamples`
+    draws of len(values) values with replacement, and the quantiles that hold `confidence` of them).
+
+    `make bench` gives it one ours/plain ratio per round, each from the same requests sent to both servers
+    back to back, so slow drift of the machine cancels within a round and shows as spread between rounds."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=float)
+    draws = np.random.default_rng(seed).choice(data, size=(resamples, len(data)), replace=True)
+    low, high = np.quantile(np.median(draws, axis=1), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(np.median(data)), float(low), float(high)
+
+
+def server_itl(before: str | dict, after: str | dict) -> float:
+    """Mean time between tokens as the server measured it (vLLM's `vllm:inter_token_latency_seconds`) over the
+    requests that finished between two reads of its /metrics; NaN when none did."""
+    from streaming_tutorial.metrics import metric, samples
+
+    b, a = (samples(x) if isinstance(x, str) else x for x in (before, after))
+    name = "vllm:inter_token_latency_seconds"
+    count = metric(a, f"{name}_count") - metric(b, f"{name}_count")
+    return (metric(a, f"{name}_sum") - metric(b, f"{name}_sum")) / count if count else float("nan")

@@ -1,11 +1,15 @@
-"""A CPU server saves its compiled model and reuses it on the next start (streaming_tutorial/compile_cache.py)."""
+"""A CPU server saves its compiled model and reuses it on the next start (streaming_tutorial/compile_cache.py),
+and on a small CPU runs the model inside its EngineCore process (streaming_server.worker_inside_engine_core)."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
+import httpx
 import torch.compiler
 
+import streaming_server
 from streaming_tutorial import compile_cache
 
 
@@ -39,3 +43,26 @@ def test_the_session_server_saved_or_reused_its_compiled_model(server):
     log = server.log_path.read_text(errors="replace")
     assert "due to a load failure" not in log
     assert "saved AOT compiled function" in log or "Directly load AOT compilation" in log
+
+
+def test_on_a_small_cpu_the_model_runs_inside_the_engine_core_on_every_core(server, model_name):
+    """streaming_server.worker_inside_engine_core: no Worker process, and none of the three vLLM messages that
+    setting would otherwise log (quiet_uniprocess_warnings) while vLLM keeps the compute threads it bound."""
+    args = streaming_server.parse_args([])
+    names = [p.name() for p in server.process_tree()]
+    log = server.log_path.read_text(errors="replace")
+    if args.distributed_executor_backend != "uni":
+        assert "VLLM::Worker" in " ".join(names), names  # vLLM's own layout (a bigger machine, or a GPU)
+        return
+    assert "VLLM::EngineCore" in names and not any(n.startswith("VLLM::Worker") for n in names), names
+    assert "Reducing Torch threads" not in log and "torch.set_num_threads" not in log
+    assert "Since VLLM_ENABLE_V1_MULTIPROCESSING" not in log
+    # The compute threads are not cut to one: during a stream the EngineCore uses more than one core.
+    core = next(p for p in server.process_tree() if p.name() == "VLLM::EngineCore")
+    cpu_before, began = sum(core.cpu_times()[:2]), time.monotonic()
+    response = httpx.post(server.url_for("v1", "completions"), timeout=120, json={
+        "model": model_name, "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    cores_used = (sum(core.cpu_times()[:2]) - cpu_before) / (time.monotonic() - began)
+    print(f"\nEngineCore during a 200-token answer: {cores_used:.2f} cores busy")
+    assert cores_used > 1.2

@@ -203,3 +203,33 @@ def test_real_concurrent_run(server, model_name):
     assert summary.completed == 4 and summary.failed == 0
     assert summary.output_tokens == 32
     assert summary.ttft.n == 4 and summary.itl.n >= 4
+
+
+# ---- make bench's ratio statistics (streaming_tutorial.benchmark) ----
+
+def test_the_bench_interval_holds_the_median_and_narrows_with_more_rounds():
+    from streaming_tutorial.benchmark import median_interval
+
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(1.0, 0.05, 6), rng.normal(1.0, 0.05, 60)
+    for values in (few, many):
+        median, low, high = median_interval(list(values))
+        assert low <= median <= high and median == pytest.approx(float(np.median(values)))
+    def width(values) -> float:
+        _, low, high = median_interval(list(values))
+        return high - low
+
+    assert width(many) < width(few)
+    assert median_interval([0.97] * 5) == (0.97, 0.97, 0.97)  # no spread, no interval
+
+
+def test_the_servers_own_time_between_tokens_is_read_from_two_metrics_snapshots():
+    from streaming_tutorial.benchmark import server_itl
+
+    def text(total: float, count: int) -> str:
+        return ("# TYPE vllm:inter_token_latency_seconds histogram\n"
+                f'vllm:inter_token_latency_seconds_sum{{model_name="m"}} {total}\n'
+                f'vllm:inter_token_latency_seconds_count{{model_name="m"}} {count}\n')
+
+    assert server_itl(text(1.0, 40), text(3.5, 140)) == pytest.approx(0.025)
+    assert math.isnan(server_itl(text(1.0, 40), text(1.0, 40)))

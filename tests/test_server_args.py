@@ -44,6 +44,28 @@ def test_cpu_environment_defaults_fill_gaps_and_never_override_the_user(monkeypa
     assert exported == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
 
 
+@pytest.mark.parametrize("argv, environ, cores, on_cpu, backend", [
+    ([], {}, 2, True, "uni"),  # 2 cores: the model runs inside the EngineCore
+    ([], {}, 1, True, "uni"),
+    ([], {}, 8, True, None),  # a bigger machine: vLLM's choice (a Worker process, threads bound)
+    ([], {}, 2, False, None),  # a GPU: vLLM's choice (uni already, for one GPU)
+    (["--distributed-executor-backend", "mp"], {}, 2, True, "mp"),  # the user's choice wins
+    (["--tensor-parallel-size", "2"], {}, 2, True, None),  # several workers need vLLM's processes
+    ([], {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, 2, True, None),
+    ([], {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}, 2, True, None),
+])
+def test_the_model_runs_inside_the_engine_core_only_on_a_small_cpu_and_only_unless_told_otherwise(
+        monkeypatch, argv, environ, cores, on_cpu, backend):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(streaming_server.psutil, "cpu_count", lambda logical=True: cores)
+    monkeypatch.setattr(streaming_server, "running_on_cpu", lambda: on_cpu)
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert streaming_server.parse_args(argv).distributed_executor_backend == backend
+
+
 def test_bigger_machines_keep_vllms_own_thread_binding(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(streaming_server.psutil, "cpu_count", lambda logical=True: 8)

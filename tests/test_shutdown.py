@@ -84,7 +84,7 @@ def test_signal_stops_the_server_and_every_child(signum):
         threads, outcomes = start_streams(server, 1)
         tree = server.process_tree()
         names = [p.name() for p in tree]
-        assert "VLLM::EngineCore" in names and len(tree) >= 3, names
+        assert "VLLM::EngineCore" in names and len(tree) >= 2, names
         sent = time.monotonic()
         server.process.send_signal(signum)
         code = server.process.wait(STOP_DEADLINE)
