@@ -46,7 +46,7 @@ lint: setup ## Check code and notebooks with ruff (seconds)
 lab: model ## Open the notebooks in JupyterLab
 	$(VENV)/bin/jupyter lab notebooks/
 
-bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (about 15 minutes; ARGS="--against fresh")
+bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (about 10 minutes; ARGS="--against fresh")
 	$(VPY) scripts/bench.py $(ARGS)
 
 study: model ## Measure each candidate CPU default, one server at a time (about 25 minutes)

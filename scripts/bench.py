@@ -1,6 +1,7 @@
 """Side-by-side benchmark: streaming_server.py against plain vLLM, same flags, same environment.
 
     make bench                       # or: .venv/bin/python scripts/bench.py [--rounds 12] [--against fresh]
+    make bench ARGS="--distributed-executor-backend mp"      # any vLLM flag, for both servers
 
 Starts both servers itself with identical explicit flags and environment (so nothing depends on the
 defaults streaming_server.py would add), warms both up, then measures them alternately in short rounds
@@ -102,7 +103,7 @@ def plot(summaries: dict[str, dict[int, latency.RunSummary]], path: Path, other:
 
 
 # Requests per round at each concurrency: short rounds (a few seconds each), so that many fit, alternated.
-ROUND_REQUESTS = {1: 4, 4: 8, 16: 32}
+ROUND_REQUESTS = {1: 8, 4: 8, 16: 32}
 
 
 def start_servers(against: str, flags: list[str], env: dict[str, str], caches: Path) -> dict[str, LocalServer]:
@@ -129,8 +130,9 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=64, help="tokens per request (ignore_eos)")
     parser.add_argument("--against", choices=("plain", "fresh"), default="plain",
                         help="plain vLLM (default), or ours compiling the model afresh instead of loading it")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
     flags, env = effective_config()
+    flags += extra  # any other argument: a vLLM flag for both servers (the last of a repeated flag wins)
     RESULTS_DIR.mkdir(exist_ok=True)
     print(f"flags for both servers: {' '.join(flags)}\nenvironment for both: {env}", flush=True)
     print("starting both servers (a few minutes on 2 cores)...", flush=True)
