@@ -5,7 +5,8 @@ vLLM's launcher (socket set-up, SSL, Unix sockets, the engine-death watchdog, si
 We only add our routes and middlewares to the app vLLM builds (`create_app`): API keys by name, reloaded from
 a keys file, and the limits that keep one user of a shared server from stalling the others
 (streaming_tutorial/keys.py, security.py, limits.py); and we pick defaults for flags the user did not give.
-On a CPU we also let vLLM reuse its saved compiled model across restarts (streaming_tutorial/compile_cache.py).
+On a CPU we also let vLLM reuse its saved compiled model across restarts (streaming_tutorial/compile_cache.py),
+and on a CPU of 2 cores or fewer run the model inside vLLM's EngineCore process (`worker_inside_engine_core`).
 Every vLLM flag passes through unchanged.
 
 Run it (inside the project's virtualenv; `make serve` does this for you):
@@ -76,8 +77,8 @@ def quiet_uniprocess_warnings() -> None:
     """Drop three vLLM messages that the uniprocess executor on a CPU (`worker_inside_engine_core`) logs at
     every start, and that do not hold for this server: the seed warning is about the offline `LLM` class, whose
     engine shares the caller's process (ours has a process of its own); "Reducing Torch threads to 1" does not
-    happen, because the CPU worker has already bound its threads, and the next warning says it skipped that
-    (which is what we want: the model computes on every core)."""
+    happen, because the CPU worker has already turned `torch.set_num_threads` into a no-op, and the next warning
+    says it skipped the call (which is what we want: the model computes on every core)."""
     unwanted = ("Since VLLM_ENABLE_V1_MULTIPROCESSING is set to False", "Reducing Torch threads from",
                 "CPU backend doesn't allow to use `torch.set_num_threads`")
 
@@ -136,9 +137,9 @@ def worker_inside_engine_core(args: Namespace) -> bool:
     rather than in a Worker process beside it, vLLM's choice on a CPU.
 
     On 2 cores the Worker's two compute threads fill both, and the EngineCore must be scheduled in between for
-    every step; run in one process, a step streamed a third faster and a restart was ready sooner (one process
-    fewer to start). Only for one worker (no parallelism asked for), and not where the user chose an executor,
-    a thread binding, or V1 multiprocessing."""
+    every step; in one process each step is quicker, a restart is ready sooner (one process fewer to start), and
+    the loaded compiled model streams as fast as a fresh compile (docs/benchmarks.md). Only for one worker (no
+    parallelism asked for), and not where the user chose an executor, a thread binding, or V1 multiprocessing."""
     return (running_on_cpu() and few_cores() and args.distributed_executor_backend is None
             and args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size == 1
             and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
