@@ -35,6 +35,7 @@ from streaming_tutorial.benchmark import (
     INPUT_LEN,
     RESULTS_DIR,
     bodies,
+    compile_caches_in,
     effective_config,
     measure,
     median_interval,
@@ -111,9 +112,7 @@ def start_servers(against: str, flags: list[str], env: dict[str, str], caches: P
     the model afresh (its own empty compile caches), which isolates loading the saved compiled model."""
     other = (LocalServer(flags, env=env, log_path=RESULTS_DIR / "plain.log", command=PLAIN_VLLM)
              if against == "plain" else
-             LocalServer(flags, env={**env, "VLLM_CACHE_ROOT": str(caches / "vllm"),
-                                     "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor")},
-                         log_path=RESULTS_DIR / "fresh.log"))
+             LocalServer(flags, env={**env, **compile_caches_in(caches)}, log_path=RESULTS_DIR / "fresh.log"))
     return {"ours": LocalServer(flags, env=env, log_path=RESULTS_DIR / "ours.log"), against: other}
 
 

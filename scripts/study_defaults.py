@@ -98,8 +98,7 @@ def study(variant: Variant, index: int) -> dict:
                  "cold": variant.cold}
     server = None
     caches = tempfile.TemporaryDirectory(prefix="study-caches-") if variant.cold else None
-    env = {**variant.env, **({"VLLM_CACHE_ROOT": f"{caches.name}/vllm", "TORCHINDUCTOR_CACHE_DIR":
-                                f"{caches.name}/inductor"} if caches else {})}
+    env = {**variant.env, **(bench.compile_caches_in(caches.name) if caches else {})}
     try:
         for start in range(variant.starts):
             if server:

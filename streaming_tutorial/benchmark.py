@@ -44,6 +44,12 @@ def effective_config() -> tuple[list[str], dict[str, str]]:
     return flags, env
 
 
+def compile_caches_in(directory: str | Path) -> dict[str, str]:
+    """Environment that gives a server compile caches of its own under `directory` (vLLM's saved compiled model
+    and inductor's kernels): empty at first, as on a fresh machine, so its first start compiles afresh."""
+    return {"VLLM_CACHE_ROOT": f"{directory}/vllm", "TORCHINDUCTOR_CACHE_DIR": f"{directory}/inductor"}
+
+
 def bodies(count: int, output_len: int) -> list[dict]:
     """`count` requests of INPUT_LEN random token ids, each prompt new, exactly `output_len` tokens out, greedy."""
     return [latency.random_token_bodies(DEFAULT_MODEL_NAME, 1, INPUT_LEN, output_len,
