@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 VPY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model browser serve test screenshot lint lab bench study clean
+.PHONY: help setup model browser serve test screenshot lint lab bench study busy budget clean
 
 help: ## Show this menu
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,12 @@ bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (
 
 study: model ## Measure each candidate CPU default, one server at a time (about 25 minutes)
 	$(VPY) scripts/study_defaults.py $(ARGS)
+
+busy: model browser ## Measure the engine beside a busy laptop: a busy loop, a niced one, the page racing (about 20 minutes)
+	$(VPY) scripts/busy_laptop.py $(ARGS)
+
+budget: model ## Measure how long one long prompt stalls the other streams, per prefill budget (about 10 minutes)
+	$(VPY) scripts/long_prompt.py $(ARGS)
 
 clean: ## Remove .venv and the prepared model
 	rm -rf $(VENV) models

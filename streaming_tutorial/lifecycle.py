@@ -36,10 +36,10 @@ def adopt_orphans() -> bool:
         return False
 
 
-def stop_leftover_processes(grace: float = 2.0) -> list[str]:
-    """Stop every descendant of this process; returns the names and pids of those that were still running
-    (zombies, already dead, are only reaped)."""
-    children = psutil.Process().children(recursive=True)
+def stop_leftover_processes(grace: float = 2.0, prefix: str = "") -> list[str]:
+    """Stop every descendant of this process (only those whose name starts with `prefix`, if given); returns
+    the names and pids of those that were still running (zombies, already dead, are only reaped)."""
+    children = [child for child in psutil.Process().children(recursive=True) if named(child, prefix)]
     running = []
     for child in children:
         try:
@@ -49,6 +49,13 @@ def stop_leftover_processes(grace: float = 2.0) -> list[str]:
             pass
     stop_processes(children, grace)
     return running
+
+
+def named(proc: psutil.Process, prefix: str) -> bool:
+    try:
+        return proc.name().startswith(prefix)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def stop_processes(processes: list[psutil.Process], grace: float) -> dict[int, int | None]:

@@ -423,6 +423,11 @@ def count_engine_tokens(engine_client, traffic: Traffic) -> None:
 
 # ---- the middleware ----
 
+# No API request nests JSON more than a few levels (a tool's parameter schema perhaps a dozen).
+TOO_DEEP = ("The request body's JSON is nested too deeply (arrays or objects inside each other, hundreds of levels) "
+            "for this server to read. No API request needs that: send a flatter body.")
+
+
 def sse_event(payload: dict) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
@@ -452,12 +457,14 @@ class LimitsMiddleware:
         body_bytes = scope.get("tutorial.body")
         if body_bytes is None:  # without the body-size middleware in front (unit tests): read it here
             body_bytes, receive = await buffer_body(receive)
+        key: Key | None = scope.get("tutorial.key")
+        name = key.name if key else ANONYMOUS
         try:
             body = json.loads(body_bytes)
         except (ValueError, UnicodeDecodeError):
             return await self.app(scope, receive, send)  # vLLM's own 400, at once
-        key: Key | None = scope.get("tutorial.key")
-        name = key.name if key else ANONYMOUS
+        except RecursionError:  # `[[[[...]]]]`: Python's parser gives up (vLLM's would too, with a 500)
+            return await self.refuse(send, name, "limit", 400, "BadRequestError", TOO_DEEP)
 
         if violation := check_request(path, body, self.limits):
             return await self.refuse(send, name, "limit", 400, "BadRequestError", violation.message,
@@ -585,11 +592,7 @@ def install_limits(app, args, model_config=None, keyring: KeyRing | None = None)
     @contextlib.asynccontextmanager
     async def lifespan(app):
         async with vllm_lifespan(app):
-            engine_client = getattr(app.state, "engine_client", None)
-            if engine_client is not None:
-                count_engine_tokens(engine_client, traffic)
-            config = getattr(app.state, "vllm_config", None)
-            traffic.max_num_seqs = getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
+            watch_engine(app)
             watcher = asyncio.ensure_future(watch_keys(keyring)) if keyring is not None and keyring.path else None
             try:
                 yield
@@ -598,6 +601,17 @@ def install_limits(app, args, model_config=None, keyring: KeyRing | None = None)
                     watcher.cancel()
 
     app.router.lifespan_context = lifespan
+
+
+def watch_engine(app) -> None:
+    """Count the tokens of the app's engine client and read its batch size. Called when the app starts serving,
+    and again for each new engine after an engine restart (streaming_tutorial/engine_restart.py)."""
+    traffic: Traffic = app.state.tutorial_traffic
+    engine_client = getattr(app.state, "engine_client", None)
+    if engine_client is not None:
+        count_engine_tokens(engine_client, traffic)
+    config = getattr(app.state, "vllm_config", None)
+    traffic.max_num_seqs = getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
 
 
 async def watch_keys(keyring: KeyRing) -> None:

@@ -102,10 +102,19 @@ def connect(args: list[str] | tuple[str, ...] = (), log_name: str = "notebook-se
         print(f"using the server at {MAKE_SERVE_URL}: {URL_VARIABLE} is not set, and `make serve`'s address "
               f"answered /health ({health.get('model', 'a model')}, {health.get('device', '?')})")
         return Connection(MAKE_SERVE_URL, api_key, None, health)
+    print(f"{URL_VARIABLE} is not set and nothing answers at {MAKE_SERVE_URL}: starting a local server")
+    return start_local(args, api_key=api_key, log_name=log_name)
+
+
+def start_local(args: list[str] | tuple[str, ...] = (), env: dict[str, str] | None = None,
+                api_key: str | None = None, log_name: str = "notebook-server.log") -> Connection:
+    """`streaming_server.py` with the default model (plus `args` and `env`) on a free port, with an explicit small
+    KV cache (so it fits beside another server), stopped with the kernel: close() it when done."""
     server = _KernelBoundServer(["--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES, *args], api_key=api_key,
-                                log_path=LOG_DIR / log_name, env={"VLLM_LOGGING_COLOR": "0"})
-    print(f"{URL_VARIABLE} is not set and nothing answers at {MAKE_SERVE_URL}: starting a local server "
-          f"(1-4 minutes on a 2-core CPU)\n  $ {' '.join(server.argv)}\n  log: {server.log_path}", flush=True)
+                                log_path=LOG_DIR / log_name, env={"VLLM_LOGGING_COLOR": "0", **(env or {})})
+    shown_env = " ".join(f"{name}={value}" for name, value in (env or {}).items())
+    print(f"starting a local server (1-4 minutes on a 2-core CPU)\n  $ {shown_env + ' ' if shown_env else ''}"
+          f"{' '.join(server.argv)}\n  log: {server.log_path}", flush=True)
     started = time.monotonic()
     server.start()
     print(f"server healthy after {time.monotonic() - started:.0f} s at {server.url}")

@@ -50,6 +50,8 @@ OPEN_PREFIXES = ("/page/",)
 # ~81 characters per token of max_model_len), small enough that a classroom cannot fill the server's RAM.
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 MAX_BODY_ENV = "TUTORIAL_MAX_BODY_BYTES"
+UNAUTHORIZED = ("Unauthorized: this server needs an API key, sent as the header `Authorization: Bearer <key>` "
+                "(OpenAI's clients) or `x-api-key: <key>` (Anthropic's). Ask the person who runs it for one.")
 
 
 def error_body(message: str, type_: str, code: int, param: str | None = None) -> bytes:
@@ -70,7 +72,8 @@ def is_open_route(path: str, method: str) -> bool:
 
 
 class ApiKeyMiddleware:
-    """Pure ASGI: a request to any route outside `OPEN_ROUTES` needs `Authorization: Bearer <key>`, else 401.
+    """Pure ASGI: a request to any route outside `OPEN_ROUTES` needs a key, else 401: `Authorization: Bearer <key>`
+    (OpenAI's clients, vLLM's own check) or `x-api-key: <key>` (Anthropic's SDK and docs, for `/v1/messages`).
 
     The keys live in a `KeyRing` (streaming_tutorial/keys.py): `--api-key` values and a keys file that is
     re-read when it changes (looked at, at most once a second, on a request; the server also polls it). The
@@ -95,11 +98,10 @@ class ApiKeyMiddleware:
         if now >= self.next_refresh:  # a stat() call at most once a second
             self.next_refresh = now + POLL_SECONDS
             self.keyring.refresh()
-        value = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        return self.keyring.lookup(token.strip())
+        for token in presented_keys(scope):
+            if (key := self.keyring.lookup(token)) is not None:
+                return key
+        return None
 
     def authorized(self, scope: Scope) -> bool:
         return self.key_of(scope) is not None
@@ -119,9 +121,20 @@ class ApiKeyMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "Unauthorized"})
             return
-        await send_error(send, 401, error_body("Unauthorized: this server needs an API key "
-                                               "(header `Authorization: Bearer <key>`).", "Unauthorized", 401),
-                         [(b"www-authenticate", b"Bearer")])
+        await send_error(send, 401, error_body(UNAUTHORIZED, "Unauthorized", 401), [(b"www-authenticate", b"Bearer")])
+
+
+
+def presented_keys(scope: Scope) -> list[str]:
+    """The keys a request offers, bearer token first. Anthropic's docs and SDK send `x-api-key` (to
+    `/v1/messages`, which vLLM serves); OpenAI's clients and vLLM's own check use the bearer token. Accepting
+    both on every route keeps one rule: the header's name is the only difference."""
+    headers = dict(scope.get("headers") or [])
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    offered = [token.strip()] if scheme.lower() == "bearer" else []
+    if api_key := headers.get(b"x-api-key", b"").decode("latin-1").strip():
+        offered.append(api_key)
+    return offered
 
 
 class BodySizeLimitMiddleware:

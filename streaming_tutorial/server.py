@@ -114,18 +114,22 @@ class LocalServer(Endpoint):
         self.health: dict | None = None  # /health's JSON once started
 
     def start(self) -> LocalServer:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.argv, cwd=PROJECT_ROOT, env=self.env, stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
-        log.close()
+        self.launch()
         try:
             self.wait_until_healthy()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def launch(self) -> subprocess.Popen:
+        """Start the server process, in a session (process group) of its own, without waiting for it."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(self.argv, cwd=PROJECT_ROOT, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        return self.process
 
     def wait_until_healthy(self) -> dict | None:
         """Poll /health until it answers 200; return its JSON (None for plain vLLM's empty body)."""

@@ -76,6 +76,27 @@ def test_vllm_api_key_variable_also_guards(monkeypatch):
     assert client.post("/invocations", json={}, headers={"Authorization": "Bearer from-env"}).status_code != 401
 
 
+@pytest.mark.parametrize("keys_from", ["--api-key", "--api-keys-file"])
+def test_x_api_key_header_is_taken_like_the_bearer_token(tmp_path, monkeypatch, keys_from):
+    """Anthropic's docs send the key as `x-api-key`; the SDKs of OpenAI (and vLLM's own check) as a bearer token.
+    With `--api-key` alone our middleware replaces vLLM's (which knows only the bearer token) all the same."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("ada:file-key\n")
+    flags, key = (["--api-key", "unit-key"], "unit-key") if keys_from == "--api-key" else \
+        (["--api-keys-file", str(keys_file)], "file-key")
+    client = TestClient(streaming_server.create_app(streaming_server.parse_args(flags), ("generate",)),
+                        raise_server_exceptions=False)
+    for path in ("/v1/messages", "/v1/chat/completions", "/invocations"):
+        assert client.post(path, json={}, headers={"x-api-key": key}).status_code != 401, path
+        refused = client.post(path, json={}, headers={"x-api-key": "wrong-key"})
+        assert refused.status_code == 401, path
+        assert "x-api-key" in error_of(refused)["message"]  # the 401 names both headers
+    # A wrong bearer token does not hide a right `x-api-key` (a client may send both, one of them stale).
+    both = {"Authorization": "Bearer stale", "x-api-key": key}
+    assert client.post("/v1/messages", json={}, headers=both).status_code != 401
+
+
 def test_without_a_key_nothing_is_guarded(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     app = streaming_server.create_app(streaming_server.parse_args([]), ("generate",))
@@ -136,6 +157,20 @@ def test_workshop_client_streams_with_the_key(keyed_server):
     with pytest.raises(openai.AuthenticationError):
         wrong.chat.completions.create(model=WORKSHOP_MODEL, max_tokens=2,
                                       messages=[{"role": "user", "content": "hi"}])
+
+
+def test_anthropic_docs_request_with_x_api_key_gets_an_answer(keyed_server):
+    """The request of Anthropic's docs (`curl .../v1/messages -H "x-api-key: $KEY" -H "anthropic-version: ..."`),
+    with the `--api-key` key and with a keys-file key."""
+    url = keyed_server.url + WORKSHOP_ROOT_PATH + "/v1/messages"
+    body = {"model": WORKSHOP_MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Say hello"}]}
+    headers = {"anthropic-version": "2023-06-01"}
+    refused = httpx.post(url, json=body, headers={**headers, "x-api-key": "wrong"}, timeout=60)
+    assert refused.status_code == 401 and "x-api-key" in error_of(refused)["message"]
+    for key in (WORKSHOP_KEY, keyed_server.keys["student-1"]):
+        response = httpx.post(url, json=body, headers={**headers, "x-api-key": key}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["type"] == "message" and response.json()["usage"]["output_tokens"] >= 1
 
 
 def test_health_stays_open_and_reports_the_flags(keyed_server):

@@ -25,6 +25,8 @@ def raw(text: str) -> bytes:
     return text.replace(M, "MODEL").encode()
 
 
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
 # name: (path, body: dict (sent as JSON) or bytes (sent as is), extra headers, expected status, expected param)
 CASES = {
     "malformed JSON": (CHAT, b'{"model": "MODEL", "messages": [', JSON, 400, None),
@@ -58,6 +60,11 @@ CASES = {
                       400, None),
     "lone UTF-16 surrogate": (COMPLETIONS, b'{"model": "MODEL", "prompt": "a\\ud800b", "max_tokens": 2}', JSON,
                               400, None),
+    # 200 KB of `[[[[...]]]]`: Python's JSON parser gives up on it (RecursionError), on any route.
+    "deeply nested JSON": (CHAT, NESTED, JSON, 400, None),
+    "deeply nested JSON in a field": (CHAT, b'{"model": "MODEL", "messages": ' + NESTED + b"}", JSON, 400, None),
+    "deeply nested JSON (Messages API)": ("/v1/messages", NESTED, JSON, 400, None),
+    "deeply nested JSON (a route without limits)": ("/tokenize", NESTED, JSON, 400, None),
     "oversized body (declared length)": (CHAT, {"model": M, "messages": [
         {"role": "user", "content": "a" * (DEFAULT_MAX_BODY_BYTES + 1)}]}, {}, 413, None),
     "oversized body (chunked, no length)": (CHAT, "chunked", {}, 413, None),
@@ -91,6 +98,26 @@ def test_bad_input_is_a_4xx_in_vllm_error_shape(http, model_name, name):
     if param:
         assert error["param"] == param
     assert elapsed < 10
+    assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS, "/v1/messages", "/v1/responses"])
+def test_deeply_nested_json_is_a_400_that_says_so(http, path):
+    response = http.post(path, content=NESTED, headers=JSON)
+    assert response.status_code == 400, response.text[:300]
+    assert "nested too deeply" in error_of(response)["message"]
+
+
+def test_nested_json_in_a_message_is_a_4xx_at_any_depth(http, model_name):
+    """Below, near and at the depth where Python's parser gives up (its recursion limit, 1000 by default): the
+    middleware's parse, FastAPI's second parse, pydantic and the chat template each see the body, none may 500."""
+    for levels in (64, 500, 950, 2000):
+        content = ("[" * levels + "]" * levels).encode()
+        body = b'{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": %s}]}' % (
+            model_name.encode(), content)
+        response = http.post(CHAT, content=body, headers=JSON)
+        print(f"\n{levels} levels: {response.status_code} {error_of(response)['message'][:100]!r}")
+        assert 400 <= response.status_code < 500, (levels, response.text[:300])
     assert http.get("/health").status_code == 200
 
 

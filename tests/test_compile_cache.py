@@ -3,7 +3,9 @@ and on a small CPU runs the model inside its EngineCore process (streaming_serve
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -66,3 +68,6 @@ def test_on_a_small_cpu_the_model_runs_inside_the_engine_core_on_every_core(serv
     cores_used = (sum(core.cpu_times()[:2]) - cpu_before) / (time.monotonic() - began)
     print(f"\nEngineCore during a 200-token answer: {cores_used:.2f} cores busy")
     assert cores_used > 1.2
+    # Intel's OpenMP (streaming_server.engine_core_env_defaults), where pip installed it.
+    if (Path(sys.prefix) / "lib" / "libiomp5.so").exists():
+        assert "libiomp5" in Path(f"/proc/{core.pid}/maps").read_text()  # loaded first, its OpenMP symbols win

