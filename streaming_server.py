@@ -78,6 +78,7 @@ from streaming_tutorial.security import (
     max_body_bytes_from_env,
     non_loopback_warning,
 )
+from streaming_tutorial.seeded_sampling import let_seeded_prefill_chunks_rewind
 from streaming_tutorial.startup_signals import StartupGuard
 
 logger = init_logger("vllm.streaming_server")  # under "vllm", so it gets vLLM's log format and handler
@@ -105,6 +106,8 @@ if current_platform.is_cpu():
     # file in them (as __mp_main__), so this also runs in the worker, which loads the compiled model.
     let_inductor_artifacts_load()
     quiet_uniprocess_warnings()
+    if __name__ == "__mp_main__":  # vLLM's engine (or worker) process, where the model samples
+        let_seeded_prefill_chunks_rewind()  # streaming_tutorial/seeded_sampling.py
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

@@ -143,3 +143,15 @@ def test_a_requests_own_max_tokens_wins_over_the_models_default_cap(http, model_
                                                "max_tokens": cap + 8, "ignore_eos": True, "temperature": 0,
                                                "stream_options": {"include_usage": True}})
     assert events[-2]["usage"]["completion_tokens"] == cap + 8
+
+
+def test_a_seeded_request_whose_prompt_takes_several_prefill_steps_is_answered(http, model_name):
+    """streaming_tutorial/seeded_sampling.py: vLLM 0.32 rewinds a seeded request's generator after each partial
+    prefill, which a CPU generator cannot do; without the fix the engine died on the first such request."""
+    prompt = " ".join(f"word{i}" for i in range(400))  # about 1,500 tokens: many steps of the CPU prefill budget
+    for seed in (7, 8):  # the second is partly served from the prefix cache: a prefill of other chunks
+        body = {"model": model_name, "prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": seed}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 8
+    assert http.get("/health").status_code == 200
