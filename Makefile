@@ -29,10 +29,10 @@ serve: model ## Start the streaming server on 127.0.0.1:8000 (ARGS="..." passes 
 	$(VPY) streaming_server.py $(ARGS)
 
 cluster: model ## 2 replicas behind vLLM's router on free ports; prints the router URL (ARGS="..." passes vLLM flags)
-	$(VPY) -m streaming_tutorial.cluster $(ARGS)
+	$(VPY) scripts/cluster.py $(ARGS)
 
 browser: setup ## Find a Chromium for the page's tests (Playwright's, else the system's; installs one if none)
-	$(VPY) -m streaming_tutorial.browser
+	$(VPY) -m streaming_tutorial.processes.browser
 
 test: model browser ## Run the tests and the notebooks against real vLLM servers (ARGS="-k page" narrows them)
 	$(VPY) -m pytest $(ARGS)

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
+from streaming_tutorial.processes.local_server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
 # Every server gets an explicit KV cache size, so several can run side by side.
 SESSION_SERVER_ARGS = ["--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]

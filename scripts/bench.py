@@ -11,7 +11,7 @@ TTFT, ITL and TPOT and output tokens/s for each server; then, per concurrency, t
 tokens/s, of median TTFT and of the server's own mean time between tokens (vLLM's /metrics), each the
 median of the per-round ratios with a 95 % bootstrap interval. Writes JSON and a plot under bench-results/.
 Also times the client's own per-chunk cost on a recorded stream, and runs vLLM's benchmark client on our
-server as a cross-check. The measurement code is the notebooks' (`streaming_tutorial.latency`).
+server as a cross-check. The measurement code is the notebooks' (`streaming_tutorial.client.latency`).
 
 Start-up differs by design: on a CPU ours loads vLLM's saved compiled model (streaming_tutorial/
 compile_cache.py), which plain vLLM 0.32 fails to load and compiles again. `--against fresh` compares ours
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from streaming_tutorial import latency
-from streaming_tutorial.benchmark import (
+from streaming_tutorial.client import latency
+from streaming_tutorial.client.benchmark import (
     INPUT_LEN,
     RESULTS_DIR,
     bodies,
@@ -43,7 +43,7 @@ from streaming_tutorial.benchmark import (
     write_report,
 )
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
-from streaming_tutorial.server import LocalServer
+from streaming_tutorial.processes.local_server import LocalServer
 
 PLAIN_VLLM = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 CONCURRENCY_LEVELS = (1, 4, 16)

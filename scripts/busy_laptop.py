@@ -29,10 +29,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streaming_tutorial import benchmark as bench
-from streaming_tutorial.busy import busy_loop, gnu_openmp_env, page_race, tokens_per_s
+from streaming_tutorial.client import benchmark as bench
+from streaming_tutorial.client.busy import busy_loop, gnu_openmp_env, page_race, tokens_per_s
 from streaming_tutorial.model import DEFAULT_MODEL_NAME
-from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer
+from streaming_tutorial.processes.local_server import TEST_KV_CACHE_BYTES, LocalServer
 
 OUTPUT_LEN = 32  # tokens per request; a window sends as many requests as fit
 STREAMS = (1, 16)

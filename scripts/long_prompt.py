@@ -9,7 +9,7 @@ cuts a long prefill into many short steps with the other streams' tokens between
 stall-free batching, OSDI 2024), and costs the long prompt some time to first token.
 
 For each budget: one server (one at a time), a warm-up trial, then `--trials` times: a neighbour streams 300
-greedy tokens; once it is going, a prompt of 4,050 random tokens arrives (streaming_tutorial/stall.py).
+greedy tokens; once it is going, a prompt of 4,050 random tokens arrives (streaming_tutorial/client/stall.py).
 Printed per budget (medians over the trials): the neighbour's usual gap between tokens, its worst gap while
 the long prompt is prefilled, and the long prompt's TTFT. Writes JSON under bench-results/ (the neighbour's
 token arrival times included, for plots).
@@ -23,10 +23,10 @@ import random
 import statistics
 import sys
 
-from streaming_tutorial import benchmark as bench
+from streaming_tutorial.client import benchmark as bench
+from streaming_tutorial.client.stall import long_prompt_beside_a_stream
 from streaming_tutorial.model import DEFAULT_MODEL_NAME
-from streaming_tutorial.server import TEST_KV_CACHE_BYTES, LocalServer
-from streaming_tutorial.stall import long_prompt_beside_a_stream
+from streaming_tutorial.processes.local_server import TEST_KV_CACHE_BYTES, LocalServer
 
 BUDGETS = (2048, 1024, 512, 256, 128)  # 2048: vLLM's own default for an API server on a CPU
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from streaming_tutorial import benchmark as bench
-from streaming_tutorial import latency
-from streaming_tutorial.server import LocalServer, ServerStartError
+from streaming_tutorial.client import benchmark as bench
+from streaming_tutorial.client import latency
+from streaming_tutorial.processes.local_server import LocalServer, ServerStartError
 
 OUTPUT_LEN = 64
 STREAMS = (1, 16)
@@ -67,7 +67,7 @@ def variants() -> list[Variant]:
         Variant("--kv-cache-memory-bytes 4 GiB", ["--kv-cache-memory-bytes", str(4 << 30)]),
         Variant("--dtype bfloat16", ["--dtype", "bfloat16"]),
         # vLLM's own layout on a CPU: a Worker process beside the EngineCore (the shipped default on 2 cores
-        # runs the model inside the EngineCore: streaming_server.worker_inside_engine_core).
+        # runs the model inside the EngineCore: server/cpu_defaults.py, worker_inside_engine_core).
         Variant("a Worker process beside the engine core (vLLM's CPU default: --distributed-executor-backend mp)",
                 ["--distributed-executor-backend", "mp"], starts=2, cold=True),
         Variant("shipped defaults, again (drift check)"),

@@ -7,7 +7,7 @@ import secrets
 import pytest
 from server_checks import WORKSHOP_KEY, WORKSHOP_MAX_MODEL_LEN, WORKSHOP_MODEL, WORKSHOP_ROOT_PATH, own_server
 
-from streaming_tutorial.keys import example_keys_file
+from streaming_tutorial.server.keys import example_keys_file
 
 # The keys file of `keyed_server`: students by name (the default limit of requests in flight), the hog and its
 # neighbour of the hog test, and an instructor with a limit of their own (tests/test_limits.py, test_keys.py).

@@ -10,8 +10,8 @@ from typing import TypeVar
 import httpx
 import psutil
 
-from streaming_tutorial.metrics import Samples, samples
-from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
+from streaming_tutorial.client.metrics import Samples, samples
+from streaming_tutorial.processes.local_server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
 # Destructive tests start their own servers; eager mode skips torch.compile, so they are ready sooner.
 OWN_SERVER_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]

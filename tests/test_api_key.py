@@ -1,6 +1,6 @@
 """`--api-key` protects every route that runs inference or acts on the server, not only vLLM's /v1 prefix.
 
-In-process tests build the app with `streaming_server.create_app` (no engine) and walk `app.routes`, so a
+In-process tests build the app with `create_app` (no engine) and walk `app.routes`, so a
 route a future vLLM adds is caught; end-to-end tests use the `keyed_server` fixture (tests/conftest.py),
 which also checks `--served-model-name`, `--max-model-len` and `--root-path` through a real server."""
 
@@ -13,8 +13,9 @@ from server_checks import WORKSHOP_KEY, WORKSHOP_MAX_MODEL_LEN, WORKSHOP_MODEL, 
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
-import streaming_server
-from streaming_tutorial.security import OPEN_ROUTES, is_open_route
+from streaming_tutorial.server.app import create_app
+from streaming_tutorial.server.args import parse_args
+from streaming_tutorial.server.security import OPEN_ROUTES, is_open_route
 
 # The decision, spelled out: these and only these answer without a key (see security.py for why).
 EXPECTED_OPEN = {"/health", "/ping", "/load", "/version", "/metrics", "/metrics/", "/openapi.json", "/docs",
@@ -38,8 +39,8 @@ def app_routes(app) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def keyed_app():
-    args = streaming_server.parse_args(["--api-key", "unit-key"])
-    return streaming_server.create_app(args, ("generate",))
+    args = parse_args(["--api-key", "unit-key"])
+    return create_app(args, ("generate",))
 
 
 def test_open_routes_are_exactly_the_harmless_read_only_ones():
@@ -70,7 +71,7 @@ def test_every_route_but_the_open_ones_needs_the_key(keyed_app):
 
 def test_vllm_api_key_variable_also_guards(monkeypatch):
     monkeypatch.setenv("VLLM_API_KEY", "from-env")
-    app = streaming_server.create_app(streaming_server.parse_args([]), ("generate",))
+    app = create_app(parse_args([]), ("generate",))
     client = TestClient(app, raise_server_exceptions=False)
     assert client.post("/invocations", json={}).status_code == 401
     assert client.post("/invocations", json={}, headers={"Authorization": "Bearer from-env"}).status_code != 401
@@ -85,7 +86,7 @@ def test_x_api_key_header_is_taken_like_the_bearer_token(tmp_path, monkeypatch, 
     keys_file.write_text("ada:file-key\n")
     flags, key = (["--api-key", "unit-key"], "unit-key") if keys_from == "--api-key" else \
         (["--api-keys-file", str(keys_file)], "file-key")
-    client = TestClient(streaming_server.create_app(streaming_server.parse_args(flags), ("generate",)),
+    client = TestClient(create_app(parse_args(flags), ("generate",)),
                         raise_server_exceptions=False)
     for path in ("/v1/messages", "/v1/chat/completions", "/invocations"):
         assert client.post(path, json={}, headers={"x-api-key": key}).status_code != 401, path
@@ -99,7 +100,7 @@ def test_x_api_key_header_is_taken_like_the_bearer_token(tmp_path, monkeypatch, 
 
 def test_without_a_key_nothing_is_guarded(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    app = streaming_server.create_app(streaming_server.parse_args([]), ("generate",))
+    app = create_app(parse_args([]), ("generate",))
     assert TestClient(app, raise_server_exceptions=False).post("/invocations", json={}).status_code != 401
 
 
@@ -110,8 +111,8 @@ def keyed_routes(keyed_server) -> list[tuple[str, str]]:
     spec = httpx.get(keyed_server.url_for("openapi.json"), timeout=30).json()
     assert spec["servers"] == [{"url": WORKSHOP_ROOT_PATH}]
     documented = {(p.replace("{response_id}", "resp_x"), m.upper()) for p, ops in spec["paths"].items() for m in ops}
-    in_process = set(app_routes(streaming_server.create_app(
-        streaming_server.parse_args(["--api-key", "x"]), ("generate",))))
+    in_process = set(app_routes(create_app(
+        parse_args(["--api-key", "x"]), ("generate",))))
     return sorted(documented | in_process)
 
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_checks import error_of
 
-from streaming_tutorial.security import DEFAULT_MAX_BODY_BYTES
-from streaming_tutorial.sse import DONE
+from streaming_tutorial.client.sse import DONE
+from streaming_tutorial.server.security import DEFAULT_MAX_BODY_BYTES
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 JSON = {"Content-Type": "application/json"}

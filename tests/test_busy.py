@@ -1,5 +1,5 @@
 """The measuring tools of `make busy`, `make budget` and notebook 05: a busy loop, a windowed token rate, and a
-long prompt beside a stream (streaming_tutorial/busy.py, stall.py). Figures they measure are in
+long prompt beside a stream (streaming_tutorial/client/busy.py, stall.py). Figures they measure are in
 docs/benchmarks.md; these tests check the tools, not the figures."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import random
 
 import psutil
 
-from streaming_tutorial.busy import busy_loop, gnu_openmp_env, tokens_per_s
-from streaming_tutorial.stall import long_prompt_beside_a_stream
+from streaming_tutorial.client.busy import busy_loop, gnu_openmp_env, tokens_per_s
+from streaming_tutorial.client.stall import long_prompt_beside_a_stream
 
 
 def test_a_busy_loop_burns_a_core_in_a_process_of_its_own_and_stops_with_the_block():

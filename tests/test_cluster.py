@@ -1,4 +1,4 @@
-"""Two replicas behind vLLM's router (streaming_tutorial/cluster.py), keyed as a workshop would run them.
+"""Two replicas behind vLLM's router (streaming_tutorial/processes/cluster.py), keyed as a workshop would run them.
 
 One cluster serves the whole module (two vLLM starts plus the router, about 1-2 minutes here); the replica-death
 test runs last (it restarts one replica, about 30 s more) and stops it."""
@@ -16,15 +16,15 @@ import psutil
 import pytest
 from server_checks import metrics, wait_for
 
-from streaming_tutorial.cluster import (
+from streaming_tutorial.client.latency import async_client, measure_stream, random_token_bodies
+from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.client.sse import DONE, sse_events
+from streaming_tutorial.processes.cluster import (
     CB_FAILURE_THRESHOLD,
     HEALTH_CHECK_INTERVAL_S,
     HEALTH_FAILURE_THRESHOLD,
     LocalCluster,
 )
-from streaming_tutorial.latency import async_client, measure_stream, random_token_bodies
-from streaming_tutorial.metrics import metric
-from streaming_tutorial.sse import DONE, sse_events
 
 pytestmark = pytest.mark.server
 
@@ -32,7 +32,7 @@ CLUSTER_KEY = "cluster-test-key"
 MODEL = "SmolLM2-135M-Instruct"
 STREAMS = 32
 # Every request through the router carries the same key: lift the per-key limit of requests in flight
-# (streaming_tutorial/limits.py) above this module's 32 concurrent streams. Ignored where no such limit exists.
+# (server/admission.py) above this module's 32 concurrent streams. Ignored where no such limit exists.
 REPLICA_ENV = {"TUTORIAL_MAX_REQUESTS_PER_KEY": str(2 * STREAMS)}
 # The router notices a dead replica after HEALTH_FAILURE_THRESHOLD failed checks, HEALTH_CHECK_INTERVAL_S apart,
 # each failing at once (connection refused); allow a few intervals more on a busy machine.

@@ -1,5 +1,5 @@
-"""A CPU server saves its compiled model and reuses it on the next start (streaming_tutorial/compile_cache.py),
-and on a small CPU runs the model inside its EngineCore process (streaming_server.worker_inside_engine_core)."""
+"""A CPU server saves its compiled model and reuses it on the next start (streaming_tutorial/server/compile_cache.py),
+and on a small CPU runs the model inside its EngineCore process (cpu_defaults.worker_inside_engine_core)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import httpx
 import torch.compiler
 
-import streaming_server
-from streaming_tutorial import compile_cache
+from streaming_tutorial.server import compile_cache
+from streaming_tutorial.server.args import parse_args
 
 
 def loaded_function(compiled_fn) -> SimpleNamespace:
@@ -48,9 +48,9 @@ def test_the_session_server_saved_or_reused_its_compiled_model(server):
 
 
 def test_on_a_small_cpu_the_model_runs_inside_the_engine_core_on_every_core(server, model_name):
-    """streaming_server.worker_inside_engine_core: no Worker process, and none of the three vLLM messages that
+    """cpu_defaults.worker_inside_engine_core: no Worker process, and none of the three vLLM messages that
     setting would otherwise log (quiet_uniprocess_warnings) while vLLM keeps the compute threads it bound."""
-    args = streaming_server.parse_args([])
+    args = parse_args([])
     names = [p.name() for p in server.process_tree()]
     log = server.log_path.read_text(errors="replace")
     if args.distributed_executor_backend != "uni":
@@ -68,6 +68,6 @@ def test_on_a_small_cpu_the_model_runs_inside_the_engine_core_on_every_core(serv
     cores_used = (sum(core.cpu_times()[:2]) - cpu_before) / (time.monotonic() - began)
     print(f"\nEngineCore during a 200-token answer: {cores_used:.2f} cores busy")
     assert cores_used > 1.2
-    # Intel's OpenMP (streaming_server.engine_core_env_defaults), where pip installed it.
+    # Intel's OpenMP (cpu_defaults.engine_core_env_defaults), where pip installed it.
     if (Path(sys.prefix) / "lib" / "libiomp5.so").exists():
         assert "libiomp5" in Path(f"/proc/{core.pid}/maps").read_text()  # loaded first, its OpenMP symbols win

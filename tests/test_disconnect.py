@@ -17,7 +17,7 @@ import httpx
 import openai
 from server_checks import metrics, wait_for
 
-from streaming_tutorial.metrics import metric
+from streaming_tutorial.client.metrics import metric
 
 ABORT_DEADLINE = 2.0  # seconds from the drop until the engine no longer runs the request
 # Long enough to be mid-stream when dropped (~50 s at 20 tokens/s), within the server's 1024-token cap per request.

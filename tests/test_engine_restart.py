@@ -1,4 +1,4 @@
-"""Engine death heals itself (streaming_tutorial/engine_restart.py): on a workshop server, a killed EngineCore is
+"""Engine death heals itself (streaming_tutorial/server/engine_restart.py): on a workshop server, a killed EngineCore is
 replaced inside the same server, with the same address, keys and limits; meanwhile requests get a 503 a student
 understands, /health says "restarting", and the page shows it and carries on without a reload.
 
@@ -17,11 +17,13 @@ from starlette.testclient import TestClient
 from test_page import answer, ask, browser, open_page, page, settings, wait_until_answered  # noqa: F401 (fixtures)
 from test_shutdown import engine_core
 
-import streaming_server
-from streaming_tutorial import engine_restart
-from streaming_tutorial.engine_restart import MAX_RESTARTS_ENV, friendly_error, restart_wanted
-from streaming_tutorial.server import tail
-from streaming_tutorial.sse import DONE, sse_events
+from streaming_tutorial.client.sse import DONE, sse_events
+from streaming_tutorial.processes.local_server import tail
+from streaming_tutorial.server import restart_hooks
+from streaming_tutorial.server.app import create_app
+from streaming_tutorial.server.args import parse_args
+from streaming_tutorial.server.engine_restart import MAX_RESTARTS_ENV, restart_wanted
+from streaming_tutorial.server.restart_hooks import friendly_error
 
 KEY = "restart-test-key"
 BACK_DEADLINE_S = 120  # a warm restart takes about 20 s on the 2-core laptop; a loaded machine, more
@@ -175,11 +177,11 @@ def test_a_crash_loop_stops_the_server_with_a_clear_last_line_and_a_failing_exit
     (["--restart-engine"], True), (["--api-key", "k", "--no-restart-engine"], False),
 ])
 def test_restarts_are_on_for_a_workshop_server_and_when_asked_for(argv, wanted):
-    assert restart_wanted(streaming_server.parse_args(argv)) is wanted
+    assert restart_wanted(parse_args(argv)) is wanted
 
 
 def test_while_the_engine_restarts_requests_get_503_with_retry_after_and_the_page_still_loads():
-    app = streaming_server.create_app(streaming_server.parse_args(["--api-key", "unit-key"]), ("generate",))
+    app = create_app(parse_args(["--api-key", "unit-key"]), ("generate",))
     restart = app.state.tutorial_restart
     restart.status, restart.began = "restarting", time.monotonic()
     client = TestClient(app, raise_server_exceptions=False)
@@ -198,7 +200,7 @@ def test_vllms_engine_dead_error_reads_as_what_happened_and_what_to_do(monkeypat
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    monkeypatch.setattr(engine_restart, "_current", None)  # a server without restarts
+    monkeypatch.setattr(restart_hooks, "_current", None)  # a server without restarts
     create = friendly_error(create_error_response)
     error = create(EngineDeadError()).error
     assert error.code == 503 and error.type == "ServiceUnavailableError"

@@ -1,4 +1,4 @@
-"""API keys with names (streaming_tutorial/keys.py), without a server: the keys file's format and its errors,
+"""API keys with names (streaming_tutorial/server/keys.py), without a server: the keys file's format and its errors,
 reloading while the server runs, and a repeated `--api-key` that keeps every key."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import httpx
@@ -15,10 +16,17 @@ from server_checks import metrics, wait_for
 from test_limits import engine_idle
 from workshop_clients import Stream, async_client, stream_chat
 
-import streaming_server
-from streaming_tutorial.keys import KeyRing, KeysFileError, digest, example_keys_file, keyring_from_args, parse_keys
-from streaming_tutorial.metrics import metric
-from streaming_tutorial.server import PROJECT_ROOT
+from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.processes.local_server import PROJECT_ROOT
+from streaming_tutorial.server.args import parse_args
+from streaming_tutorial.server.keys import (
+    KeyRing,
+    KeysFileError,
+    digest,
+    example_keys_file,
+    keyring_from_args,
+    parse_keys,
+)
 
 
 def test_keys_file_lines_names_keys_and_limits():
@@ -74,7 +82,7 @@ def test_a_broken_edit_keeps_the_previous_keys(tmp_path, caplog):
     touch(path, "alice:k-alice\n")
     ring = KeyRing([], path)
     touch(path, "alice k-alice\n")  # a typo: no colon
-    with caplog.at_level("ERROR", logger="vllm.streaming_tutorial.keys"):
+    with caplog.at_level("ERROR", logger="vllm.streaming_tutorial.server.keys"):
         assert ring.refresh() is False
     assert ring.lookup("k-alice").name == "alice"
     assert "previous 1 key(s) stay" in caplog.text and "line 1" in caplog.text and "k-alice" not in caplog.text
@@ -86,7 +94,7 @@ def test_a_broken_edit_keeps_the_previous_keys(tmp_path, caplog):
 
 def test_repeated_api_key_flags_are_merged(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    args = streaming_server.parse_args(["--api-key", "k1", "--api-key", "k2", "k3"])
+    args = parse_args(["--api-key", "k1", "--api-key", "k2", "k3"])
     assert args.api_key == ["k1", "k2", "k3"]  # vLLM alone keeps ["k2", "k3"]
     ring = keyring_from_args(args)
     assert [ring.lookup(t).name for t in ("k1", "k2", "k3")] == ["api-key-1", "api-key-2", "api-key-3"]
@@ -95,22 +103,22 @@ def test_repeated_api_key_flags_are_merged(monkeypatch):
 def test_keys_come_from_flags_file_or_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     monkeypatch.delenv("TUTORIAL_API_KEYS_FILE", raising=False)
-    assert keyring_from_args(streaming_server.parse_args([])) is None  # a learner's local server: no key
+    assert keyring_from_args(parse_args([])) is None  # a learner's local server: no key
     path = tmp_path / "keys.txt"
     path.write_text("alice:k-alice\n")
-    both = keyring_from_args(streaming_server.parse_args(["--api-key", "k1", "--api-keys-file", str(path)]))
+    both = keyring_from_args(parse_args(["--api-key", "k1", "--api-keys-file", str(path)]))
     assert {k.name for k in both.keys} == {"api-key-1", "alice"}
     monkeypatch.setenv("TUTORIAL_API_KEYS_FILE", str(path))
-    assert [k.name for k in keyring_from_args(streaming_server.parse_args([])).keys] == ["alice"]
+    assert [k.name for k in keyring_from_args(parse_args([])).keys] == ["alice"]
     monkeypatch.setenv("VLLM_API_KEY", "from-env")
-    assert {k.name for k in keyring_from_args(streaming_server.parse_args([])).keys} == {"api-key-1", "alice"}
+    assert {k.name for k in keyring_from_args(parse_args([])).keys} == {"api-key-1", "alice"}
 
 
 def test_a_file_name_that_clashes_with_a_flag_key_name_is_refused(tmp_path):
     path = tmp_path / "keys.txt"
     path.write_text("api-key-1:k-other\n")
     with pytest.raises(KeysFileError, match="api-key-1"):
-        keyring_from_args(streaming_server.parse_args(["--api-key", "k1", "--api-keys-file", str(path)]))
+        keyring_from_args(parse_args(["--api-key", "k1", "--api-keys-file", str(path)]))
 
 
 def test_the_workshop_guides_keys_file_is_ignored_by_git():
@@ -122,13 +130,15 @@ def test_the_workshop_guides_keys_file_is_ignored_by_git():
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=PROJECT_ROOT).returncode == 0, path
 
 
-def test_main_refuses_a_malformed_keys_file_before_loading_the_engine(monkeypatch, tmp_path):
+def test_the_server_refuses_a_malformed_keys_file_in_one_line_before_loading_the_engine(tmp_path):
     path = tmp_path / "keys.txt"
     path.write_text("alice:k1\nbob\n")
-    monkeypatch.setattr(streaming_server, "prepare", lambda folder: (_ for _ in ()).throw(AssertionError("too far")))
-    with pytest.raises(SystemExit) as stop:
-        streaming_server.main(["--api-keys-file", str(path)])
-    assert "line 2" in str(stop.value) and "--api-keys-file" in str(stop.value)
+    result = subprocess.run([sys.executable, "streaming_server.py", "--api-keys-file", str(path)], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --api-keys-file:") and "line 2" in last, result.stderr[-2000:]
+    assert "Loading" not in result.stderr and "EngineCore" not in result.stderr  # stopped before the engine
 
 
 # ---- end to end: editing the keys file of a running server (keyed_server, tests/conftest.py) ----

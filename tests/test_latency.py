@@ -1,4 +1,4 @@
-"""streaming_tutorial.latency: the arithmetic on recorded streams (fast, no server), then real requests."""
+"""streaming_tutorial.client.latency: the arithmetic on recorded streams (fast, no server), then real requests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from streaming_tutorial.latency import (
+from streaming_tutorial.client.latency import (
     RequestResult,
     RunResult,
     Stats,
@@ -205,10 +205,10 @@ def test_real_concurrent_run(server, model_name):
     assert summary.ttft.n == 4 and summary.itl.n >= 4
 
 
-# ---- make bench's ratio statistics (streaming_tutorial.benchmark) ----
+# ---- make bench's ratio statistics (streaming_tutorial.client.benchmark) ----
 
 def test_the_bench_interval_holds_the_median_and_narrows_with_more_rounds():
-    from streaming_tutorial.benchmark import median_interval
+    from streaming_tutorial.client.benchmark import median_interval
 
     rng = np.random.default_rng(1)
     few, many = rng.normal(1.0, 0.05, 6), rng.normal(1.0, 0.05, 60)
@@ -224,7 +224,7 @@ def test_the_bench_interval_holds_the_median_and_narrows_with_more_rounds():
 
 
 def test_the_servers_own_time_between_tokens_is_read_from_two_metrics_snapshots():
-    from streaming_tutorial.benchmark import server_itl
+    from streaming_tutorial.client.benchmark import server_itl
 
     def text(total: float, count: int) -> str:
         return ("# TYPE vllm:inter_token_latency_seconds histogram\n"

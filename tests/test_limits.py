@@ -1,4 +1,4 @@
-"""A shared workshop server that one student cannot stall (streaming_tutorial/limits.py, issue 11).
+"""A shared workshop server that one student cannot stall (server/request_checks.py, admission.py, traffic.py).
 
 Without a server: which routes run inference (enumerated from the built app, so a route a future vLLM adds is
 noticed), the body checks, the queue rule. Against the shared session server (no key): each per-request limit on
@@ -18,16 +18,17 @@ import pytest
 from server_checks import WORKSHOP_MODEL, error_of, metrics, tree_rss, wait_for
 from workshop_clients import HOG_PROMPTS, Stream, async_client, hog, stream_chat
 
-import streaming_server
-from streaming_tutorial.limits import (
+from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.server.app import create_app
+from streaming_tutorial.server.args import parse_args
+from streaming_tutorial.server.request_checks import (
     INFERENCE_ROUTES,
     NOT_INFERENCE_ROUTES,
     Limits,
-    Traffic,
     check_request,
     runs_inference,
 )
-from streaming_tutorial.metrics import metric
+from streaming_tutorial.server.traffic import Traffic
 
 HI = [{"role": "user", "content": "hi"}]
 DEFAULTS = Limits()  # the defaults: 4 sequences, 1024 output tokens, 4 prompts, --max-logprobs 20
@@ -36,7 +37,7 @@ DEFAULTS = Limits()  # the defaults: 4 sequences, 1024 output tokens, 4 prompts,
 
 
 def post_routes() -> set[str]:
-    app = streaming_server.create_app(streaming_server.parse_args([]), ("generate",))
+    app = create_app(parse_args([]), ("generate",))
     return {route.path for route in app.routes if "POST" in (getattr(route, "methods", None) or ())}
 
 
@@ -46,7 +47,7 @@ def test_every_post_route_is_known_to_run_inference_or_not():
     routes = post_routes()
     unclassified = {p for p in routes if p not in INFERENCE_ROUTES and p not in NOT_INFERENCE_ROUTES
                     and not p.endswith("/{response_id}/cancel")}
-    assert not unclassified, f"classify these in streaming_tutorial/limits.py: {sorted(unclassified)}"
+    assert not unclassified, f"classify these in streaming_tutorial/server/request_checks.py: {sorted(unclassified)}"
     assert set(INFERENCE_ROUTES) <= routes, "a listed inference route no longer exists: update the list"
     assert all(runs_inference(p, "POST") for p in INFERENCE_ROUTES)
     assert not any(runs_inference(p, "POST") for p in NOT_INFERENCE_ROUTES)
@@ -113,7 +114,7 @@ def test_a_limit_set_to_zero_is_off():
 def test_the_queue_is_full_only_when_as_many_wait_as_run_and_the_bound_is_reached(monkeypatch):
     traffic = Traffic(Limits(max_waiting=64))
     traffic.max_num_seqs = 128  # vLLM's CPU default batch
-    monkeypatch.setattr("streaming_tutorial.limits.engine_gauge", lambda name: gauges[name])
+    monkeypatch.setattr("streaming_tutorial.server.traffic.engine_gauge", lambda name: gauges[name])
     gauges = {"vllm:num_requests_waiting": 0}
     traffic.sequences = 64  # the load test's 64 streams on a learner's server: nothing waits
     assert traffic.queue() == {"waiting": 0, "running": 64, "max_waiting": 64} and not traffic.full()

@@ -10,8 +10,8 @@ import time
 import httpx
 from server_checks import metrics, tree_rss
 
-from streaming_tutorial.metrics import metric
-from streaming_tutorial.sse import DONE
+from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.client.sse import DONE
 
 CONCURRENT_STREAMS = 64
 PROMPTS = ["The capital of France is", "List three colors:", "Write a haiku about the sea.",

@@ -1,4 +1,4 @@
-"""streaming_tutorial/machine_load.py: the CPU that other programs used during a measurement (no server needed)."""
+"""client/machine_load.py: the CPU that other programs used during a measurement (no server needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import psutil
 
-from streaming_tutorial.machine_load import OtherLoad
+from streaming_tutorial.client.machine_load import OtherLoad
 
 BUSY_LOOP = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
 

@@ -1,4 +1,4 @@
-"""streaming_tutorial.notebook and .lifecycle: reading /metrics, choosing a server, and tying a server's
+"""streaming_tutorial.client.notebook and processes.stopping: reading /metrics, choosing a server, and tying a server's
 process group to the kernel's life."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import time
 
 import psutil
 
-from streaming_tutorial import notebook
-from streaming_tutorial.lifecycle import group_alive, stop_process_group
-from streaming_tutorial.metrics import metric
-from streaming_tutorial.notebook import connect
-from streaming_tutorial.server import free_port
+from streaming_tutorial.client import notebook
+from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.client.notebook import connect
+from streaming_tutorial.processes.local_server import free_port
+from streaming_tutorial.processes.stopping import group_alive, stop_process_group
 
 METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -58,7 +58,7 @@ def test_server_group_dies_when_the_kernel_is_killed():
     SIGKILLed (no atexit): the watchdog must take the server's whole group down."""
     kernel = subprocess.Popen([sys.executable, "-c", (
         "import subprocess, sys, time\n"
-        "from streaming_tutorial.notebook import stop_with_kernel\n"
+        "from streaming_tutorial.client.notebook import stop_with_kernel\n"
         "server = subprocess.Popen(['sleep', '120'], start_new_session=True)\n"
         "stop_with_kernel(server.pid)\n"
         "print(server.pid, flush=True)\n"
@@ -73,7 +73,7 @@ def test_server_group_dies_when_the_kernel_is_killed():
 def test_server_group_dies_at_normal_exit():
     kernel = subprocess.run([sys.executable, "-c", (
         "import subprocess\n"
-        "from streaming_tutorial.notebook import stop_with_kernel\n"
+        "from streaming_tutorial.client.notebook import stop_with_kernel\n"
         "server = subprocess.Popen(['sleep', '120'], start_new_session=True)\n"
         "stop_with_kernel(server.pid)\n"
         "print(server.pid)\n"

@@ -55,10 +55,10 @@ def test_server_comes_from_the_environment_and_is_stopped(notebook):
     assert "plt.show(block" not in code and "time.sleep(5" not in code
     if path.name.startswith("01"):
         assert "stop_with_kernel(" in code and "os.killpg(" in code  # starts and stops its own server
-    elif path.name.startswith("07"):  # its own cluster (streaming_tutorial.cluster), tied to the kernel, stopped
+    elif path.name.startswith("07"):  # its own cluster (processes/cluster.py), tied to the kernel, stopped
         last_code = [c.source for c in nb.cells if c.cell_type == "code"][-1]
         assert "on_launch=stop_with_kernel" in code and "cluster.stop()" in last_code
     else:
-        assert "connect()" in code, f"{path.name} must get its server from streaming_tutorial.notebook.connect"
+        assert "connect()" in code, f"{path.name} must get its server from streaming_tutorial.client.notebook.connect"
         assert nb.cells[-1].source.strip().endswith("conn.close()  # stops the server only if this notebook "
                                                     "started it"), f"{path.name} must end by closing its server"

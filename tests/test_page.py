@@ -25,11 +25,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-import streaming_server
-from streaming_tutorial.browser import launch
-from streaming_tutorial.metrics import metric
-from streaming_tutorial.page import STATIC_DIR, race
-from streaming_tutorial.sse import DONE, sse_events
+from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.client.sse import DONE, sse_events
+from streaming_tutorial.processes.browser import launch
+from streaming_tutorial.server.app import create_app
+from streaming_tutorial.server.args import parse_args
+from streaming_tutorial.server.page import STATIC_DIR, race
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "page-race.png"
 VIEWPORT = {"width": 1280, "height": 720}  # a projector
@@ -350,7 +351,7 @@ def test_the_panel_says_when_the_server_is_unreachable_or_its_engine_dead(server
 # ---- in process: the routes, the policy, --no-page ----
 
 def test_the_page_and_its_files_are_served_with_a_strict_content_security_policy():
-    client = TestClient(streaming_server.create_app(streaming_server.parse_args([]), ("generate",)))
+    client = TestClient(create_app(parse_args([]), ("generate",)))
     files = sorted(path.name for path in STATIC_DIR.iterdir() if path.name != "index.html")
     for path in ["/", *(f"/page/{name}" for name in files)]:
         response = client.get(path)
@@ -363,7 +364,7 @@ def test_the_page_and_its_files_are_served_with_a_strict_content_security_policy
 
 def test_no_page_turns_the_page_off_and_leaves_the_api_as_it_was():
     def routes(argv):
-        app = streaming_server.create_app(streaming_server.parse_args(argv), ("generate",))
+        app = create_app(parse_args(argv), ("generate",))
         return app, {(route.path, tuple(sorted(getattr(route, "methods", None) or ()))) for route in app.routes}
 
     app, without = routes(["--no-page"])

@@ -1,4 +1,4 @@
-"""The partial-JSON reader (streaming_tutorial/structured.py) and the tool-call assembler (tools.py). No server."""
+"""The partial-JSON reader (client/structured.py) and the tool-call assembler (tools.py). No server."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streaming_tutorial.structured import PartialJSON, complete_json, partial_json
-from streaming_tutorial.tools import ToolCallAssembler, ToolCallStreamError
+from streaming_tutorial.client.structured import PartialJSON, complete_json, partial_json
+from streaming_tutorial.client.tools import ToolCallAssembler, ToolCallStreamError
 
 RECORD = {"name": "Paris", "country": "France", "landmarks": ["Eiffel \u00e9 Tower", "Louvre \"Mus\\eum\""],
           "population": -2.1e6, "capital": True, "motto": None, "nested": {"a": [1, {"b": []}]}}

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-import streaming_server
-from streaming_tutorial import security
+from streaming_tutorial.server import app, security
+from streaming_tutorial.server.args import parse_args
 
 
 def test_binds_loopback_unless_told_otherwise():
-    assert streaming_server.parse_args([]).host == "127.0.0.1"
-    assert streaming_server.parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
+    assert parse_args([]).host == "127.0.0.1"
+    assert parse_args(["--host", "0.0.0.0"]).host == "0.0.0.0"
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
@@ -34,11 +34,11 @@ def test_no_warning_with_a_key_or_a_unix_socket():
 
 def test_keys_come_from_the_flag_or_the_environment(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    assert security.api_keys(streaming_server.parse_args([])) == []
-    assert security.api_keys(streaming_server.parse_args(["--api-key", "a"])) == ["a"]
+    assert security.api_keys(parse_args([])) == []
+    assert security.api_keys(parse_args(["--api-key", "a"])) == ["a"]
     monkeypatch.setenv("VLLM_API_KEY", "env")
-    assert security.api_keys(streaming_server.parse_args([])) == ["env"]
-    assert security.api_keys(streaming_server.parse_args(["--api-key", "a"])) == ["a"]  # the flag wins, as in vLLM
+    assert security.api_keys(parse_args([])) == ["env"]
+    assert security.api_keys(parse_args(["--api-key", "a"])) == ["a"]  # the flag wins, as in vLLM
 
 
 class RecordingLogger:
@@ -49,18 +49,16 @@ class RecordingLogger:
         return lambda message, *args: self.lines.append((level, message % args if args else message))
 
 
-def test_main_logs_the_warning_once(monkeypatch):
-    """main() up to the point where it would start vLLM: one WARNING line for an exposed keyless server.
-    (A stand-in logger: main() reconfigures vLLM's logging, which pytest's caplog then does not see.)"""
+def test_start_up_logs_the_warning_once(monkeypatch):
+    """What `streaming_server.main` logs about keys before vLLM starts (server/app.py, `load_keyring`): one
+    WARNING line for an exposed keyless server. (A stand-in logger: the server configures vLLM's logging, which
+    pytest's caplog then does not see.)"""
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
-    monkeypatch.setattr(streaming_server, "prepare", lambda folder: None)
-    monkeypatch.setattr(streaming_server, "adopt_orphans", lambda: (_ for _ in ()).throw(SystemExit("stop here")))
     for argv, expected in ((["--host", "0.0.0.0"], 1), (["--host", "0.0.0.0", "--api-key", "secret"], 0),
                            ([], 0)):
         log = RecordingLogger()
-        monkeypatch.setattr(streaming_server, "logger", log)
-        with pytest.raises(SystemExit, match="stop here"):
-            streaming_server.main(argv)
+        monkeypatch.setattr(app, "logger", log)
+        app.load_keyring(parse_args(argv))
         warnings = [message for level, message in log.lines if "SECURITY WARNING" in message]
         assert len(warnings) == expected, (argv, log.lines)
         assert all(level == "warning" for level, message in log.lines if "SECURITY WARNING" in message)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from server_checks import own_server, wait_for
 
-from streaming_tutorial.server import PROJECT_ROOT, tail
+from streaming_tutorial.processes.local_server import PROJECT_ROOT, tail
 
 STOP_DEADLINE = 15.0  # seconds from the signal (or the engine's death) until no process of the tree is left
 STREAMS = 3
@@ -100,7 +100,7 @@ def test_signal_stops_the_server_and_every_child(signum):
         assert "nanobind: leaked" not in server.log_path.read_text(errors="replace")  # a clean screen on Ctrl-C
 
 
-# ---- a signal while the server starts (streaming_tutorial/startup_signals.py) ----
+# ---- a signal while the server starts (streaming_tutorial/server/startup_signals.py) ----
 
 def names(tree: list[psutil.Process]) -> list[str]:
     found = []
@@ -153,7 +153,7 @@ def test_signal_while_starting_stops_every_process(phase, signum):
 
 GUARDED_START = textwrap.dedent("""
     import subprocess, sys, zmq
-    from streaming_tutorial.startup_signals import StartupGuard
+    from streaming_tutorial.server.startup_signals import StartupGuard
     StartupGuard(grace=1.0).install()
     # An engine under construction: it only records SIGTERM and SIGINT (vllm/v1/engine/core.py).
     engine = subprocess.Popen([sys.executable, "-c", "import signal, time; "

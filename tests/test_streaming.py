@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import vllm
 
+from streaming_tutorial.client.sse import DONE, sse_events
 from streaming_tutorial.model import DEFAULT_MODEL_NAME, GENERATION_DEFAULTS
-from streaming_tutorial.sse import DONE, sse_events
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 QUESTION = "What is the capital of France?"
@@ -146,7 +146,7 @@ def test_a_requests_own_max_tokens_wins_over_the_models_default_cap(http, model_
 
 
 def test_a_seeded_request_whose_prompt_takes_several_prefill_steps_is_answered(http, model_name):
-    """streaming_tutorial/seeded_sampling.py: vLLM 0.32 rewinds a seeded request's generator after each partial
+    """streaming_tutorial/server/seeded_sampling.py: vLLM 0.32 rewinds a seeded request's generator after each partial
     prefill, which a CPU generator cannot do; without the fix the engine died on the first such request."""
     prompt = " ".join(f"word{i}" for i in range(400))  # about 1,500 tokens: many steps of the CPU prefill budget
     for seed in (7, 8):  # the second is partly served from the prefix cache: a prefill of other chunks

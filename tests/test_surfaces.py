@@ -15,9 +15,9 @@ import pytest
 from pydantic import BaseModel, Field
 from server_checks import WORKSHOP_KEY, WORKSHOP_MODEL, WORKSHOP_ROOT_PATH
 
-from streaming_tutorial.sse import DONE, named_sse_events
-from streaming_tutorial.structured import complete_json, partial_json
-from streaming_tutorial.tools import ToolCallAssembler
+from streaming_tutorial.client.sse import DONE, named_sse_events
+from streaming_tutorial.client.structured import complete_json, partial_json
+from streaming_tutorial.client.tools import ToolCallAssembler
 
 SYSTEM = "You are a helpful assistant."
 QUESTION = "Name three colors."

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 from server_checks import WORKSHOP_MODEL
 
-from streaming_tutorial.metrics import metric, samples
+from streaming_tutorial.client.metrics import metric, samples
 
 HOG_STREAMS = 64
 HOG_PROMPTS = 1000

@@ -42,7 +42,7 @@ import httpx
 import numpy as np
 from tqdm import TqdmWarning
 
-from streaming_tutorial.sse import DONE, sse_events
+from streaming_tutorial.client.sse import DONE, sse_events
 
 STREAM_OPTIONS = {"include_usage": True}
 

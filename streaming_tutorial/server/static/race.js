@@ -3,7 +3,7 @@
 //
 // A browser opens at most 6 connections to one server, so the N requests are not N fetches: the page sends
 // them in one request to `page/race`, and the server makes each one through the API and relays its
-// status and raw SSE text, tagged with its lane (streaming_tutorial/page.py).
+// status and raw SSE text, tagged with its lane (streaming_tutorial/server/page.py).
 import { Answer, chatBody, describe, DONE, failure, fmt, numberFrom, post, sse, SSEParser } from "./api.js";
 
 const $ = (id) => document.getElementById(id);

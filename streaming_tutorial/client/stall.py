@@ -15,7 +15,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
-from streaming_tutorial.latency import RequestResult, ameasure_stream, async_client, random_token_bodies
+from streaming_tutorial.client.latency import RequestResult, ameasure_stream, async_client, random_token_bodies
 
 NEIGHBOUR_TOKENS = 300
 LONG_PROMPT_TOKENS = 4050  # inside the CPU default context of 4,096 tokens

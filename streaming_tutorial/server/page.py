@@ -1,6 +1,6 @@
 """The classroom page that `streaming_server.py` serves at `GET /`, with its files under `/page/` (issue 10).
 
-The page (`streaming_tutorial/static/`) is plain HTML, CSS and JavaScript modules: no build step, nothing
+The page (`streaming_tutorial/server/static/`) is plain HTML, CSS and JavaScript modules: no build step, nothing
 fetched from another origin, every URL relative (so it works under `--root-path` and behind a proxy). It
 holds no secret: with `--api-key` the user pastes the key into the page, which keeps it in sessionStorage.
 `--no-page` leaves only the API.
@@ -27,9 +27,9 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from streaming_tutorial.security import error_body
+from streaming_tutorial.server.security import error_body
 
-logger = logging.getLogger("vllm.streaming_server.page")  # under "vllm": vLLM's log format and handler
+logger = logging.getLogger("vllm.streaming_tutorial.server.page")  # under "vllm": vLLM's log format and handler
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PREFIX = "/page/"
 MAX_LANES = 16

@@ -7,7 +7,7 @@ Used by the tests, the notebooks and the benchmark, in the style of vLLM's own `
         ...
 
 The server runs in its own process group with its output in a log file; `stop()` stops the whole group
-(vLLM's engine and worker processes included, `lifecycle.stop_process_group`), so nothing outlives the
+(vLLM's engine and worker processes included, `stopping.stop_process_group`), so nothing outlives the
 `with` block.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from streaming_tutorial.lifecycle import stop_process_group
+from streaming_tutorial.model import PROJECT_ROOT
+from streaming_tutorial.processes.stopping import stop_process_group
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = PROJECT_ROOT / "streaming_server.py"
 LOG_DIR = PROJECT_ROOT / "logs"  # gitignored; servers started by tests and notebooks log here
 # A cold start compiles the model, which takes minutes on a small busy CPU (docs/benchmarks.md).

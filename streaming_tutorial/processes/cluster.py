@@ -9,7 +9,7 @@ another: two vLLM starts at once on a small CPU slow each other badly. Every rep
 cache (`--kv-cache-memory-bytes`), and any vLLM flag in `args` passes through to all of them. The router is
 `python -m vllm_router.launch_router` from this Python environment, bound to 127.0.0.1 on a free port, in a
 process group of its own, logging to `LOG_DIR/<name>-router.log`. `stop()` stops the router, then every replica
-(`lifecycle.stop_process_group`), so nothing of the cluster outlives the `with` block.
+(`stopping.stop_process_group`), so nothing of the cluster outlives the `with` block.
 
 A cluster notices (`supervise=True`, the default): a `ReplicaWatch` thread (replica_watch.py) sees a replica's server
 process exit within half a second, reports it (`report`: printed, and kept in `events`), stops what it left behind
@@ -33,13 +33,11 @@ Keys: the router does not check clients' keys and, in this (regular) mode, forwa
 prefill/decode modes, not here. So a keyed cluster is replicas with `--api-key` (`api_key=` below) and clients
 that send that key to the router; a client without it gets the replica's 401, passed back by the router.
 
-`python -m streaming_tutorial.cluster [vLLM flags]` (`make cluster ARGS="..."`) starts 2 replicas and the
-router, prints the router's URL, reports and restarts a replica that dies, and waits for Ctrl-C.
+`make cluster` (scripts/cluster.py) starts one from the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
@@ -52,9 +50,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from streaming_tutorial.lifecycle import group_alive, group_members, stop_process_group
-from streaming_tutorial.replica_watch import ClusterStopping, ReplicaWatch
-from streaming_tutorial.server import (
+from streaming_tutorial.processes.local_server import (
     DEFAULT_STARTUP_TIMEOUT,
     LOG_DIR,
     PROJECT_ROOT,
@@ -65,6 +61,8 @@ from streaming_tutorial.server import (
     free_port,
     tail,
 )
+from streaming_tutorial.processes.replica_watch import ClusterStopping, ReplicaWatch
+from streaming_tutorial.processes.stopping import group_alive, group_members, stop_process_group
 
 ROUTER_MODULE = "vllm_router.launch_router"
 ROUTER_STARTUP_TIMEOUT = 60.0  # the router itself is up in about a second
@@ -333,45 +331,3 @@ class LocalCluster(Endpoint):
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m streaming_tutorial.cluster",
-        description="Start N streaming_server.py replicas behind vLLM's router on this machine; Ctrl-C stops "
-                    "everything. Unknown flags pass through to every replica (vLLM's flags).")
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--policy", default="round_robin",
-                        help="the router's policy: round_robin, cache_aware, consistent_hash, power_of_two, random")
-    parser.add_argument("--router-arg", action="append", default=[], metavar="FLAG",
-                        help="a flag for the router, e.g. --router-arg=--log-level=debug (repeatable)")
-    parser.add_argument("--api-key", default=None,
-                        help="the replicas' key; clients send it to the router, which forwards it")
-    known, vllm_args = parser.parse_known_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or `kill`: stop everything, as Ctrl-C does
-        signal.signal(sig, signal.default_int_handler)
-    cluster = LocalCluster(known.replicas, vllm_args, policy=known.policy, api_key=known.api_key,
-                           router_args=known.router_arg)
-    print(f"starting {known.replicas} replicas one after another (about 30-60 s each on a 2-core CPU), "
-          f"then the router; logs: {cluster.log_dir}/{cluster.name}-*.log", flush=True)
-    try:
-        cluster.start()
-        auth = " -H 'Authorization: Bearer <key>'" if known.api_key else ""
-        print(f"\nreplicas: {' '.join(cluster.replica_urls)}\n"
-              f"router ({known.policy}): {cluster.url}   metrics: {cluster.metrics_url}\n"
-              f"  curl -N {cluster.url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d "
-              f"'{{\"model\": \"SmolLM2-135M-Instruct\", \"messages\": [{{\"role\": \"user\", \"content\": "
-              f"\"Hello\"}}], \"stream\": true}}'\n"
-              f"A replica that dies is reported here and started again. Ctrl-C stops the router and every "
-              f"replica.", flush=True)
-        while cluster.router.poll() is None:
-            time.sleep(1)
-        print(f"the router exited with code {cluster.router.returncode}; see {cluster.router_log}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print(f"stopping: {cluster.stop()}", flush=True)
-
-
-if __name__ == "__main__":
-    main()

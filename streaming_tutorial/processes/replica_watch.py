@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from streaming_tutorial.lifecycle import group_members
-from streaming_tutorial.server import ServerStartError
+from streaming_tutorial.processes.local_server import ServerStartError
+from streaming_tutorial.processes.stopping import group_members
 
 if TYPE_CHECKING:
-    from streaming_tutorial.cluster import LocalCluster, Replica
+    from streaming_tutorial.processes.cluster import LocalCluster, Replica
 
 POLL_S = 0.5
 REAP_GRACE_S = 3.0  # SIGTERM, then SIGKILL: an orphaned EngineCore has nothing left to finish

@@ -26,9 +26,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from streaming_tutorial.latency import async_client, random_token_bodies
-from streaming_tutorial.lifecycle import stop_processes
-from streaming_tutorial.sse import DONE, sse_events
+from streaming_tutorial.client.latency import async_client, random_token_bodies
+from streaming_tutorial.client.sse import DONE, sse_events
+from streaming_tutorial.processes.stopping import stop_processes
 
 BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
 
@@ -64,7 +64,7 @@ def page_race(url: str, lanes: int = 16, prompt: str = "Tell me a story.") -> It
     def drive() -> None:
         from playwright.sync_api import sync_playwright
 
-        from streaming_tutorial.browser import launch
+        from streaming_tutorial.processes.browser import launch
 
         try:
             with sync_playwright() as playwright:

@@ -6,11 +6,12 @@ page goes dead. With restarts on (`--restart-engine`; the default with API keys 
 this module intercepts that call instead and, inside the same server process:
 
 1. marks the app "restarting": `RestartMiddleware` answers requests with 503, Retry-After and a message a
-   student understands, /health says "restarting" (streaming_server.py), the page shows it;
+   student understands, /health says "restarting" (server/app.py), the page shows it;
 2. stops what is left of the dead engine (vLLM's own shutdown, then any of its processes still below us);
 3. starts a new engine from the same arguments (in a thread: vLLM's engine start blocks for as long as the model
    loads, and the server must keep answering meanwhile), re-runs vLLM's `init_app_state` on it, and re-applies
-   what this project wraps around the engine client (limits.py: the output-token cap, the token counting);
+   what this project wraps around the engine client (request_checks.py: the output-token cap; admission.py:
+   the token counting);
 4. marks the app "healthy" again. The socket, the keys, the limits and the page never went away.
 
 Streams in flight when the engine dies end with an error event that says so and `[DONE]` (vLLM's stream
@@ -31,14 +32,13 @@ import threading
 import time
 from collections import deque
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from streaming_tutorial.server.admission import watch_engine
+from streaming_tutorial.server.keys import keys_file_arg
+from streaming_tutorial.server.request_checks import cap_default_output_tokens, env_int
+from streaming_tutorial.server.security import api_keys, is_loopback
+from streaming_tutorial.server.shutdown import stop_leftover_processes
 
-from streaming_tutorial.keys import keys_file_arg
-from streaming_tutorial.lifecycle import stop_leftover_processes
-from streaming_tutorial.limits import cap_default_output_tokens, env_int, watch_engine
-from streaming_tutorial.security import api_keys, error_body, is_loopback, send_error
-
-logger = logging.getLogger("vllm.streaming_tutorial.engine_restart")  # under "vllm": vLLM's log format
+logger = logging.getLogger("vllm.streaming_tutorial.server.engine_restart")  # under "vllm": vLLM's log format
 
 # A crash loop (a model that cannot load, memory that is not there) must not restart forever: more deaths
 # than this within the window stop the server, as vLLM does on the first.
@@ -49,14 +49,8 @@ RESTART_WINDOW_S = 300.0
 # the 2-core laptop, bundled model, from the kill to the first request served: 15 s (warm compile cache), 13 s
 # with --enforce-eager.
 FIRST_ESTIMATE_S = 20
-# Requests that never touch the engine: the page, its health and metrics; all others get 503 while restarting.
-# The race (POST /page/race) passes: each of its lanes comes back through the app and is answered on its own.
-PASS_WHILE_RESTARTING = {"/health", "/metrics", "/version", "/", "/page/race"}
-
 STOPPING = ("The server's engine stopped, and the server is shutting down; ask whoever runs it to start it again "
             "(the cause is in its terminal).")
-
-_current: EngineRestart | None = None  # this process's server (one per process; in-process tests build several)
 
 
 def add_restart_args(parser) -> None:
@@ -256,7 +250,7 @@ class EngineRestart:
 
     def retire(self, dead) -> None:
         """Stop what is left of a dead engine: vLLM's shutdown of its client, then any of its processes still
-        running below this server (a worker orphaned by its EngineCore comes to us: lifecycle.adopt_orphans)."""
+        running below this server (a worker orphaned by its EngineCore comes to us: shutdown.adopt_orphans)."""
         from vllm import envs
 
         if self.first is None:
@@ -292,95 +286,3 @@ def stand_in(first, restart: EngineRestart) -> None:
             await engine.do_log_stats()
 
     first.shutdown, first.do_log_stats = shutdown, do_log_stats
-
-
-# ---- wiring ----
-
-class RestartMiddleware:
-    """Pure ASGI, in front of the limits: while the engine restarts, every request that needs it gets a 503
-    with Retry-After at once, instead of vLLM's EngineDeadError."""
-
-    def __init__(self, app: ASGIApp, restart: EngineRestart) -> None:
-        self.app, self.restart = app, restart
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.restart.enabled:
-            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-            passes = path in PASS_WHILE_RESTARTING or path.startswith("/page/")
-            if not passes and self.restart.unavailable():
-                return await send_error(send, 503, error_body(self.restart.message(), "ServiceUnavailableError",
-                                                              503), restart_headers(self.restart))
-        await self.app(scope, receive, send)
-
-
-def restart_headers(restart: EngineRestart) -> list[tuple[bytes, bytes]]:
-    return [(b"retry-after", str(restart.retry_after()).encode())]
-
-
-def install_engine_restart(app, args) -> EngineRestart:
-    """Add the restart state and its middleware to vLLM's app (call before the key check is added)."""
-    from starlette.middleware import Middleware
-
-    global _current
-    restart = _current = app.state.tutorial_restart = EngineRestart(app, args, restart_wanted(args))
-    app.user_middleware.insert(0, Middleware(RestartMiddleware, restart=restart))
-    return restart
-
-
-def restart_health(app) -> tuple[dict, dict] | None:
-    """(/health's fields, its headers) while the engine restarts, else None. Notices a death on the way: the
-    page polls /health every second, sooner than vLLM's watchdog (5 s)."""
-    restart: EngineRestart | None = getattr(app.state, "tutorial_restart", None)
-    if restart is None or not restart.unavailable():
-        return None
-    return ({"status": "restarting", "error": restart.message(), "engine_restart": restart.health()},
-            {"Retry-After": str(restart.retry_after())})
-
-
-def restart_fields(app) -> dict:
-    restart: EngineRestart | None = getattr(app.state, "tutorial_restart", None)
-    return {"engine_restart": restart.health()} if restart is not None else {}
-
-
-def install_restart_hooks(launcher, vllm_error_module) -> None:
-    """Wrap vLLM's engine-death calls (after lifecycle.EngineDeathWatch, whose wrapper this one calls when the
-    server must stop) and its error responses, wherever vLLM looks them up."""
-    from vllm.entrypoints.serve.engine import serving
-
-    for module in (launcher, vllm_error_module):
-        original = module.terminate_if_errored
-
-        def guarded(server, engine, _original=original):
-            restart = getattr(getattr(server.config.app, "state", None), "tutorial_restart", None)
-            if restart is None or not restart.notice():
-                _original(server, engine)
-
-        module.terminate_if_errored = guarded
-    for module in (serving, vllm_error_module):  # streams' error events; error answers of the exception handler
-        module.create_error_response = friendly_error(module.create_error_response)
-
-
-def friendly_error(create_error_response):
-    """vLLM's `create_error_response`, with the message of an EngineDeadError ("EngineCore encountered an issue.
-    See stack trace (above) for the root cause.": a trace no student can see) replaced by one that says what
-    happened and what to do, as a 503."""
-    from http import HTTPStatus
-
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    def create(message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param=None):
-        if isinstance(message, EngineDeadError):
-            return create_error_response(_current.message() if _current else STOPPING, "ServiceUnavailableError",
-                                         HTTPStatus.SERVICE_UNAVAILABLE, None)
-        return create_error_response(message, err_type, status_code, param)
-
-    return create
-
-
-def last_line() -> str | None:
-    """main()'s last line when restarts were on and the server stopped anyway."""
-    if _current is None or _current.status != "stopped":
-        return None
-    return (f"Server stopped because the engine process died again ({len(_current.deaths)} times within "
-            f"{RESTART_WINDOW_S / 60:.0f} minutes, {len(_current.outages)} restart(s)); not restarting it. The "
-            "causes are in the log above (e.g. out of memory, or the process was killed).")

@@ -5,7 +5,7 @@ that request and rewinds the request's own random generator (`gen.set_offset(gen
 `GPUModelRunner._bookkeeping_sync`, which the CPU runner inherits). Only CUDA's generator has an offset: a CPU
 generator raises "CPU Generator does not use offset", and the engine dies with every stream on it. Any request
 with a `seed` and a prompt longer than the prefill budget does it, and with this server's small budget on a CPU
-(streaming_server.CPU_PREFILL_BUDGET) that is a prompt of a few paragraphs.
+(server/cpu_defaults.py, CPU_PREFILL_BUDGET) that is a prompt of a few paragraphs.
 
 The fix, applied in the engine process on a CPU only: each request's generator is a `torch.Generator` whose
 offset reads 0 and ignores being set, so the rewind does nothing. The thrown-away sample has then used up some

@@ -16,17 +16,17 @@ import random
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streaming_server import (
+from streaming_tutorial.client import latency
+from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
+from streaming_tutorial.processes.local_server import PROJECT_ROOT, TEST_KV_CACHE_BYTES, LocalServer
+from streaming_tutorial.server.args import parse_args
+from streaming_tutorial.server.cpu_defaults import (
     CPU_FLAG_DEFAULTS,
     cpu_dtype,
     cpu_env_defaults,
     engine_core_env_defaults,
-    parse_args,
     running_on_cpu,
 )
-from streaming_tutorial import latency
-from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
-from streaming_tutorial.server import PROJECT_ROOT, TEST_KV_CACHE_BYTES, LocalServer
 
 RESULTS_DIR = PROJECT_ROOT / "bench-results"
 INPUT_LEN = 32  # prompt tokens per request
@@ -102,7 +102,7 @@ def median_interval(values: list[float], confidence: float = 0.95, resamples: in
 def server_itl(before: str | dict, after: str | dict) -> float:
     """Mean time between tokens as the server measured it (vLLM's `vllm:inter_token_latency_seconds`) over the
     requests that finished between two reads of its /metrics; NaN when none did."""
-    from streaming_tutorial.metrics import metric, samples
+    from streaming_tutorial.client.metrics import metric, samples
 
     b, a = (samples(x) if isinstance(x, str) else x for x in (before, after))
     name = "vllm:inter_token_latency_seconds"

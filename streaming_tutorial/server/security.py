@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from streaming_tutorial.keys import POLL_SECONDS, Key, KeyRing, flag_keys
+from streaming_tutorial.server.keys import POLL_SECONDS, Key, KeyRing, flag_keys
 
 # Routes anyone may call without the key, with the methods allowed. Each is read-only and runs no inference:
 # liveness and load probes (`/health`, `/ping`, `/load`; SageMaker sends `POST /ping`), the vLLM version,
@@ -39,7 +39,7 @@ OPEN_ROUTES: dict[str, frozenset[str]] = {
     "/docs": frozenset({"GET", "HEAD"}),
     "/docs/oauth2-redirect": frozenset({"GET", "HEAD"}),
     "/redoc": frozenset({"GET", "HEAD"}),
-    # The classroom page (streaming_tutorial/page.py): static files that hold no secret; the user pastes the
+    # The classroom page (streaming_tutorial/server/page.py): static files that hold no secret; the user pastes the
     # key into the page, which sends it with each API call.
     "/": frozenset({"GET", "HEAD"}),
 }
@@ -75,7 +75,7 @@ class ApiKeyMiddleware:
     """Pure ASGI: a request to any route outside `OPEN_ROUTES` needs a key, else 401: `Authorization: Bearer <key>`
     (OpenAI's clients, vLLM's own check) or `x-api-key: <key>` (Anthropic's SDK and docs, for `/v1/messages`).
 
-    The keys live in a `KeyRing` (streaming_tutorial/keys.py): `--api-key` values and a keys file that is
+    The keys live in a `KeyRing` (streaming_tutorial/server/keys.py): `--api-key` values and a keys file that is
     re-read when it changes (looked at, at most once a second, on a request; the server also polls it). The
     matching key (its name, never the key) is put in the scope as `scope["tutorial.key"]` for the limits.
     Paths are compared after removing `--root-path`, as vLLM's own middleware does. CORS preflights
@@ -175,7 +175,7 @@ class BodySizeLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
-        scope["tutorial.body"] = body  # for the limits middleware (streaming_tutorial/limits.py): read once
+        scope["tutorial.body"] = body  # for the limits middleware (server/admission.py): read once
         replay: list[Message] = ([{"type": "http.request", "body": body, "more_body": False}]
                                  if messages[-1]["type"] == "http.request" else messages[-1:])
 

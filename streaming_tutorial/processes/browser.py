@@ -1,6 +1,6 @@
 """A Chromium for the page's tests: Playwright's own when installed, else the system's.
 
-    python -m streaming_tutorial.browser   # `make browser`: find one, or install one; print which
+    python -m streaming_tutorial.processes.browser   # `make browser`: find one, or install one; print which
 
 Playwright downloads its browsers from a CDN that some machines cannot reach; a system Chromium
 (Debian's `chromium` package) drives just as well when given by path.

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from streaming_tutorial.lifecycle import stop_process_group
-from streaming_tutorial.server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer, wait_until_healthy
+from streaming_tutorial.processes.local_server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer, wait_until_healthy
+from streaming_tutorial.processes.stopping import stop_process_group
 
 URL_VARIABLE = "TUTORIAL_SERVER_URL"
 KEY_VARIABLE = "TUTORIAL_API_KEY"
@@ -36,7 +36,7 @@ def stop_with_kernel(pid: int) -> subprocess.Popen:
     this Python process: an `atexit` hook for a normal exit, and a watchdog process for a hard kill.
     Returns the watchdog (it exits by itself once the group is gone)."""
     atexit.register(stop_process_group, pid)
-    return subprocess.Popen([sys.executable, "-m", "streaming_tutorial.lifecycle", str(os.getpid()), str(pid)],
+    return subprocess.Popen([sys.executable, "-m", "streaming_tutorial.processes.stopping", str(os.getpid()), str(pid)],
                             start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 

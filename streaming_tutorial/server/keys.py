@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger("vllm.streaming_tutorial.keys")  # under "vllm": vLLM's log format and handler
+logger = logging.getLogger("vllm.streaming_tutorial.server.keys")  # under "vllm": vLLM's log format and handler
 
 KEYS_FILE_ENV = "TUTORIAL_API_KEYS_FILE"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")

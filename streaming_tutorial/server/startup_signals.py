@@ -15,7 +15,7 @@ What vLLM 0.32 does instead, and why it fails:
 
 So `StartupGuard` installs a plain handler for both signals in `main()`, before vLLM's, and installs it again
 just before the engine is created (vLLM's `run_server` replaces the SIGTERM handler first thing). It stops every
-process below the server (`lifecycle.stop_leftover_processes`: SIGTERM, a short grace, then SIGKILL, since an
+process below the server (`shutdown.stop_leftover_processes`: SIGTERM, a short grace, then SIGKILL, since an
 engine under construction ignores SIGTERM) and ends the server with the signal's own exit status. uvicorn's
 loop handlers replace it once the server starts serving (`vllm.entrypoints.launchers.launcher.serve_http`);
 from then on a signal stops the server gracefully, as vLLM does.
@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 
-from streaming_tutorial.lifecycle import stop_leftover_processes
+from streaming_tutorial.server.shutdown import stop_leftover_processes
 
 # An engine under construction ignores SIGTERM (see above): do not wait long before SIGKILL.
 STOP_GRACE_S = 2.0

@@ -1,0 +1,113 @@
+"""How an engine restart (server/engine_restart.py) shows, to students and to vLLM's launcher.
+
+- `RestartMiddleware`: while a new engine starts, every request that needs the engine gets a 503 with Retry-After
+  and a message a student understands, at once, instead of vLLM's EngineDeadError; /health's fields say
+  "restarting" (`restart_health`, `restart_fields`), and the page shows it.
+- `install_restart_hooks`: wraps vLLM's engine-death call (`terminate_if_errored`), so that a death starts a new
+  engine instead of stopping the server, and its error responses (`friendly_error`), so that an engine death is
+  worded for a student.
+- `last_line`: what `main()` logs when restarts were on and the server stopped anyway (a crash loop).
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from streaming_tutorial.server.engine_restart import RESTART_WINDOW_S, STOPPING, EngineRestart, restart_wanted
+from streaming_tutorial.server.security import error_body, send_error
+
+# Requests that never touch the engine: the page, its health and metrics; all others get 503 while restarting.
+# The race (POST /page/race) passes: each of its lanes comes back through the app and is answered on its own.
+PASS_WHILE_RESTARTING = {"/health", "/metrics", "/version", "/", "/page/race"}
+
+_current: EngineRestart | None = None  # this process's server (one per process; in-process tests build several)
+
+
+class RestartMiddleware:
+    """Pure ASGI, in front of the limits: while the engine restarts, every request that needs it gets a 503
+    with Retry-After at once, instead of vLLM's EngineDeadError."""
+
+    def __init__(self, app: ASGIApp, restart: EngineRestart) -> None:
+        self.app, self.restart = app, restart
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.restart.enabled:
+            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            passes = path in PASS_WHILE_RESTARTING or path.startswith("/page/")
+            if not passes and self.restart.unavailable():
+                return await send_error(send, 503, error_body(self.restart.message(), "ServiceUnavailableError",
+                                                              503), restart_headers(self.restart))
+        await self.app(scope, receive, send)
+
+
+def restart_headers(restart: EngineRestart) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(restart.retry_after()).encode())]
+
+
+def install_engine_restart(app, args) -> EngineRestart:
+    """Add the restart state and its middleware to vLLM's app (call before the key check is added)."""
+    from starlette.middleware import Middleware
+
+    global _current
+    restart = _current = app.state.tutorial_restart = EngineRestart(app, args, restart_wanted(args))
+    app.user_middleware.insert(0, Middleware(RestartMiddleware, restart=restart))
+    return restart
+
+
+def restart_health(app) -> tuple[dict, dict] | None:
+    """(/health's fields, its headers) while the engine restarts, else None. Notices a death on the way: the
+    page polls /health every second, sooner than vLLM's watchdog (5 s)."""
+    restart: EngineRestart | None = getattr(app.state, "tutorial_restart", None)
+    if restart is None or not restart.unavailable():
+        return None
+    return ({"status": "restarting", "error": restart.message(), "engine_restart": restart.health()},
+            {"Retry-After": str(restart.retry_after())})
+
+
+def restart_fields(app) -> dict:
+    restart: EngineRestart | None = getattr(app.state, "tutorial_restart", None)
+    return {"engine_restart": restart.health()} if restart is not None else {}
+
+
+def install_restart_hooks(launcher, vllm_error_module) -> None:
+    """Wrap vLLM's engine-death calls (after shutdown.EngineDeathWatch, whose wrapper this one calls when the
+    server must stop) and its error responses, wherever vLLM looks them up."""
+    from vllm.entrypoints.serve.engine import serving
+
+    for module in (launcher, vllm_error_module):
+        original = module.terminate_if_errored
+
+        def guarded(server, engine, _original=original):
+            restart = getattr(getattr(server.config.app, "state", None), "tutorial_restart", None)
+            if restart is None or not restart.notice():
+                _original(server, engine)
+
+        module.terminate_if_errored = guarded
+    for module in (serving, vllm_error_module):  # streams' error events; error answers of the exception handler
+        module.create_error_response = friendly_error(module.create_error_response)
+
+
+def friendly_error(create_error_response):
+    """vLLM's `create_error_response`, with the message of an EngineDeadError ("EngineCore encountered an issue.
+    See stack trace (above) for the root cause.": a trace no student can see) replaced by one that says what
+    happened and what to do, as a 503."""
+    from http import HTTPStatus
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    def create(message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST, param=None):
+        if isinstance(message, EngineDeadError):
+            return create_error_response(_current.message() if _current else STOPPING, "ServiceUnavailableError",
+                                         HTTPStatus.SERVICE_UNAVAILABLE, None)
+        return create_error_response(message, err_type, status_code, param)
+
+    return create
+
+
+def last_line() -> str | None:
+    """main()'s last line when restarts were on and the server stopped anyway."""
+    if _current is None or _current.status != "stopped":
+        return None
+    return (f"Server stopped because the engine process died again ({len(_current.deaths)} times within "
+            f"{RESTART_WINDOW_S / 60:.0f} minutes, {len(_current.outages)} restart(s)); not restarting it. The "
+            "causes are in the log above (e.g. out of memory, or the process was killed).")
