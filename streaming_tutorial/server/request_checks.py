@@ -44,7 +44,7 @@ FLAGS = {
     "max_requests_per_key": ("--max-requests-per-key", "TUTORIAL_MAX_REQUESTS_PER_KEY", 4,
                              "Most inference requests in flight per API key (a keys-file line `name:key:N` "
                              "overrides it for that key); more get a 429. No effect without keys."),
-    # See QueueState.full for the rule and why 64.
+    # See Traffic.full (server/traffic.py) for the rule and why 64.
     "max_waiting": ("--max-waiting", "TUTORIAL_MAX_WAITING", 64,
                     "Refuse new requests (503) while the engine's queue holds at least this many waiting "
                     "sequences and at least as many as are running."),
