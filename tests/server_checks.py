@@ -3,41 +3,29 @@ Prometheus metrics, measure a server's memory, poll with deadlines, start a dest
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import TypeVar
-
 import httpx
 import psutil
 
 from streaming_tutorial.client.metrics import Samples, samples
+from streaming_tutorial.client.waiting import wait_until
 from streaming_tutorial.processes.local_server import LOG_DIR, TEST_KV_CACHE_BYTES, LocalServer
 
 # Destructive tests start their own servers; eager mode skips torch.compile, so they are ready sooner.
 OWN_SERVER_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", TEST_KV_CACHE_BYTES]
 ERROR_FIELDS = {"message", "type", "param", "code"}
-T = TypeVar("T")
 # The `keyed_server` fixture's flags (tests/conftest.py): a workshop server behind a key.
 WORKSHOP_KEY = "workshop-secret-key"
 WORKSHOP_MODEL = "workshop-model"
 WORKSHOP_ROOT_PATH = "/tutorial"
 WORKSHOP_MAX_MODEL_LEN = 1024
 
+# Poll with a deadline: the notebooks' function (a TimeoutError names what was waited for).
+wait_for = wait_until
+
+
 def metrics(base_url: str, headers: dict | None = None) -> Samples:
     """Every sample of the server's /metrics, read with the project's one Prometheus reader."""
     return samples(httpx.get(f"{base_url}/metrics", headers=headers, timeout=10).text)
-
-
-def wait_for(condition: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition") -> T:
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def tree_rss(server: LocalServer) -> int:

@@ -13,6 +13,7 @@ import torch.compiler
 
 from streaming_tutorial.server import compile_cache
 from streaming_tutorial.server.args import parse_args
+from streaming_tutorial.server.cpu_defaults import running_on_cpu
 
 
 def loaded_function(compiled_fn) -> SimpleNamespace:
@@ -49,14 +50,20 @@ def test_the_session_server_saved_or_reused_its_compiled_model(server):
 
 def test_on_a_small_cpu_the_model_runs_inside_the_engine_core_on_every_core(server, model_name):
     """cpu_defaults.worker_inside_engine_core: no Worker process, and none of the three vLLM messages that
-    setting would otherwise log (quiet_uniprocess_warnings) while vLLM keeps the compute threads it bound."""
+    setting would otherwise log (quiet_uniprocess_warnings) while vLLM keeps the compute threads it bound.
+    Elsewhere vLLM's own layout stands: a Worker beside the EngineCore on a bigger CPU, none on one GPU."""
     args = parse_args([])
     names = [p.name() for p in server.process_tree()]
     log = server.log_path.read_text(errors="replace")
-    if args.distributed_executor_backend != "uni":
-        assert "VLLM::Worker" in " ".join(names), names  # vLLM's own layout (a bigger machine, or a GPU)
+    workers = [n for n in names if n.startswith("VLLM::Worker")]
+    if args.distributed_executor_backend != "uni":  # vLLM's own choice of executor
+        if running_on_cpu():  # a bigger CPU: vLLM's CPU platform turns one worker's "uni" into "mp", a Worker
+            assert workers, names
+        else:  # one GPU: vLLM keeps "uni" (ParallelConfig, world size 1), the model inside the EngineCore
+            assert args.tensor_parallel_size * args.pipeline_parallel_size == 1
+            assert "VLLM::EngineCore" in names and not workers, names
         return
-    assert "VLLM::EngineCore" in names and not any(n.startswith("VLLM::Worker") for n in names), names
+    assert "VLLM::EngineCore" in names and not workers, names
     assert "Reducing Torch threads" not in log and "torch.set_num_threads" not in log
     assert "Since VLLM_ENABLE_V1_MULTIPROCESSING" not in log
     # The compute threads are not cut to one: during a stream the EngineCore uses more than one core.

@@ -62,3 +62,22 @@ def test_server_comes_from_the_environment_and_is_stopped(notebook):
         assert "connect()" in code, f"{path.name} must get its server from streaming_tutorial.client.notebook.connect"
         assert nb.cells[-1].source.strip().endswith("conn.close()  # stops the server only if this notebook "
                                                     "started it"), f"{path.name} must end by closing its server"
+
+
+MAX_CELL_LINES = 29
+
+
+def test_every_cell_is_short(notebook):
+    """One idea per cell: what a lesson does not teach (plotting boilerplate, table formatting, retry loops)
+    belongs in streaming_tutorial/client/, not in a long cell."""
+    path, nb = notebook
+    lines = {i: len(cell.source.splitlines()) for i, cell in enumerate(nb.cells)}
+    long = {i: n for i, n in lines.items() if n > MAX_CELL_LINES}
+    assert not long, f"{path.name}: cells longer than {MAX_CELL_LINES} lines (cell: lines): {long}"
+
+
+def test_sections_are_numbered_in_order(notebook):
+    path, nb = notebook
+    numbers = [int(n) for c in nb.cells if c.cell_type == "markdown"
+               for n in re.findall(r"^## (\d+)\.", c.source, flags=re.MULTILINE)]
+    assert numbers == list(range(1, len(numbers) + 1)), f"{path.name}: sections {numbers}"

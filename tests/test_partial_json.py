@@ -23,22 +23,45 @@ def prefixes(text: str):
 @pytest.mark.parametrize("indent", [None, 2])
 def test_every_prefix_of_a_record_completes_to_json_that_parses(indent):
     text = json.dumps(RECORD, indent=indent, ensure_ascii=indent is None)
-    for prefix in prefixes(text):
+    assert complete_json("") is None  # nothing has begun: nothing to complete
+    for prefix in list(prefixes(text))[1:]:
         completed = complete_json(prefix)
-        if completed is not None:
-            json.loads(completed)  # raises if the reader produced invalid JSON
+        assert completed is not None, prefix
+        json.loads(completed)  # raises if the reader produced invalid JSON
     assert partial_json(text) == RECORD
+
+
+def grows(old, new) -> bool:
+    """Whether `new` shows all that `old` showed: keys in the same order, strings extended, lists longer, each
+    value grown in turn. A number may change as its digits arrive (1 -> 12 -> 12.5), but stays a number."""
+    if old is None:
+        return True
+    if isinstance(old, dict):
+        return (isinstance(new, dict) and list(new)[:len(old)] == list(old)
+                and all(grows(value, new[key]) for key, value in old.items()))
+    if isinstance(old, list):
+        return isinstance(new, list) and len(new) >= len(old) and all(map(grows, old, new))
+    if isinstance(old, str):
+        return isinstance(new, str) and new.startswith(old)
+    if isinstance(old, bool):
+        return new is old
+    return isinstance(new, int | float) and not isinstance(new, bool)
 
 
 def test_values_fill_in_as_the_text_arrives_and_never_go_backwards():
     text = json.dumps(RECORD)
-    seen_keys: list[str] = []
+    shown = None
     for prefix in prefixes(text):
         value = partial_json(prefix)
-        keys = list(value) if isinstance(value, dict) else []
-        assert keys[:len(seen_keys)] == seen_keys, (prefix, keys)
-        seen_keys = keys
-    assert seen_keys == list(RECORD)
+        assert grows(shown, value), (prefix, shown, value)
+        shown = value
+    assert shown == RECORD
+
+
+def test_growing_catches_a_value_that_goes_backwards():
+    assert grows({"a": "Pa"}, {"a": "Par", "b": []}) and grows([1], [12, 3])
+    assert not grows({"a": "Par"}, {"a": "Pa"}) and not grows({"a": 1, "b": 2}, {"b": 2, "a": 1})
+    assert not grows([1, 2], [1]) and not grows({"a": []}, {}) and not grows(True, None)
 
 
 @pytest.mark.parametrize(("prefix", "shown"), [
@@ -73,8 +96,11 @@ def test_text_after_the_top_level_value_is_ignored():
 @pytest.mark.parametrize("garbage", ["}", "{]", "[}", "not json", "{\"a\" 1 2 ]", "\x00\\\"{[", "-", "nul"])
 def test_text_that_is_not_json_gives_none_or_a_value_but_never_raises(garbage):
     for prefix in prefixes(garbage):
-        partial_json(prefix)
-        complete_json(prefix)
+        value, completed = partial_json(prefix), complete_json(prefix)
+        assert completed is None or isinstance(completed, str), (prefix, completed)
+        if value is not None:  # a value is what the completed text parses to
+            assert json.loads(completed) == value, (prefix, completed, value)
+    assert partial_json(garbage) in (None, {}, [])  # never more than an empty container
 
 
 @settings(max_examples=150, deadline=None)

@@ -19,6 +19,8 @@ from streaming_tutorial.client.metrics import metric, samples
 
 HOG_STREAMS = 64
 HOG_PROMPTS = 1000
+HOG_LIMIT = 4  # the hog's requests in flight: the keys file's default limit (tests/conftest.py, keyed_server)
+AT_LIMIT_TIMEOUT = 60.0
 
 
 @dataclass
@@ -74,10 +76,11 @@ def async_client(url: str) -> httpx.AsyncClient:
 
 def hog(url: str, key: str, max_tokens: int, stop, results) -> None:
     """Key A, the hog, until `stop` (a multiprocessing Event) is set: `n: 16000`, then 64 concurrent long streams,
-    each re-sent after the Retry-After of its 429, then a completion with 1,000 prompts. Meanwhile it reads the
-    server's /metrics a few times a second. Sends to `results` (a Connection): the two statuses with the
-    parameter each error names, every stream's status, and the timeline (seconds since the streams began, the
-    hog's requests in flight as the server counts them, running and waiting requests in the engine)."""
+    each re-sent after the Retry-After of its 429, then, once 4 of them are in flight, a completion with 1,000
+    prompts. Meanwhile it reads the server's /metrics a few times a second. Sends to `results` (a Connection):
+    the two statuses with the parameter each error names, every stream's status, and the timeline (seconds since
+    the streams began, the hog's requests in flight as the server counts them, running and waiting requests in
+    the engine)."""
     results.send(asyncio.run(_hog(url, key, max_tokens, stop)))
 
 
@@ -113,7 +116,13 @@ async def _hog(url: str, key: str, max_tokens: int, stop) -> dict:
                                          "n": 16000})
         tasks = [asyncio.create_task(watch(client)), *(asyncio.create_task(worker(client))
                                                        for _ in range(HOG_STREAMS))]
-        await asyncio.sleep(3)
+        # The batch goes out once the hog is at its limit, as the server counts it: it is still refused for
+        # its size (400), not for the hog's requests in flight (429).
+        deadline = time.perf_counter() + AT_LIMIT_TIMEOUT
+        while not any(hog_in_flight == HOG_LIMIT for _, hog_in_flight, _, _ in timeline):
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"the hog's streams were not {HOG_LIMIT} in flight after {AT_LIMIT_TIMEOUT} s")
+            await asyncio.sleep(0.1)
         batch = await client.post("/v1/completions", headers=auth,
                                   json={"model": WORKSHOP_MODEL, "prompt": ["Once upon a time"] * HOG_PROMPTS,
                                         "max_tokens": 16})
