@@ -37,7 +37,7 @@ browser: setup ## Find a Chromium for the page's tests (Playwright's, else the s
 test: model browser ## Run the tests and the notebooks against real vLLM servers (ARGS="-k page" narrows them)
 	$(VPY) -m pytest $(ARGS)
 
-screenshot: model browser ## Regenerate docs/page-race.png, the picture of the page in README (a real browser)
+screenshot: model browser ## Regenerate docs/page-*.png: the race in README, and chat and race at 1280x720 and 1920x1080 (a real browser)
 	UPDATE_SCREENSHOTS=1 $(VPY) -m pytest tests/test_page.py -k race
 
 lint: setup ## Check code and notebooks with ruff (seconds)

@@ -4,7 +4,8 @@ The browser is Playwright's own Chromium or the system's (`make browser` finds o
 the model cannot be made to give (hostile text, a refused lane, a dead engine) are put in the browser's path
 with `page.route`; everything else is the real server.
 
-`make screenshot` (UPDATE_SCREENSHOTS=1) also saves the race view to docs/page-race.png for README.
+`make screenshot` (UPDATE_SCREENSHOTS=1) also saves the race view to docs/page-race.png for README, and the chat
+mid-answer and a race of 16 lanes running and done at 1280x720 and at 1920x1080 to docs/page-<width>-*.png.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ from streaming_tutorial.server.app import create_app
 from streaming_tutorial.server.args import parse_args
 from streaming_tutorial.server.page import STATIC_DIR, race
 
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "page-race.png"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+SCREENSHOT = DOCS / "page-race.png"
+UPDATE_SCREENSHOTS = os.environ.get("UPDATE_SCREENSHOTS") == "1"
 VIEWPORT = {"width": 1280, "height": 720}  # a projector
+VIEWPORTS = [VIEWPORT, {"width": 1920, "height": 1080}]  # and a projector's other usual size
 ANSWER = "#messages li.assistant:last-child"
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
 
@@ -46,17 +50,24 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser):
-    """A fresh tab at 1280x720 that records every request it makes (`page.requests`) and console error."""
-    context = browser.new_context(viewport=VIEWPORT)
-    tab = context.new_page()
-    tab.requests, tab.errors = [], []
+def new_tab(browser, viewport: dict = VIEWPORT) -> Page:
+    """A fresh tab that records every request it makes (`requests`), those that finished (`finished`), and every
+    console error (`errors`)."""
+    tab = browser.new_context(viewport=viewport).new_page()
+    tab.requests, tab.finished, tab.errors = [], [], []
     tab.on("request", lambda request: tab.requests.append(request))
+    tab.on("requestfinished", lambda request: tab.finished.append(request))
     tab.on("console", lambda message: message.type == "error" and tab.errors.append(message.text))
     tab.on("pageerror", lambda error: tab.errors.append(str(error)))
+    return tab
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh tab at 1280x720 (see `new_tab`)."""
+    tab = new_tab(browser)
     yield tab
-    context.close()
+    tab.context.close()
 
 
 def open_page(page: Page, url: str, tab: str = "") -> None:
@@ -111,6 +122,86 @@ def sse_body(*chunks: dict) -> str:
 def chunk(content: str | None = None, finish: str | None = None) -> dict:
     return {"id": "chatcmpl-x", "object": "chat.completion.chunk", "model": "m",
             "choices": [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}]}
+
+
+def poll_in_page(page: Page, condition, timeout: float, what: str):
+    """`wait_for`, waiting in the browser: Playwright hands over the page's events (`requestfinished`) meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        page.wait_for_timeout(50)
+    return value
+
+
+def lane_tokens(page: Page) -> list[int]:
+    return [int(tokens) for tokens in page.eval_on_selector_all(
+        "#lanes .lane", "items => items.map(item => item.dataset.tokens ?? 0)")]
+
+
+def check_race_total(page: Page) -> dict:
+    """The race's final total against its lanes: all their tokens over the race's wall time, from its request sent
+    to its last lane's end, here the browser's own timing of the race's request (its last byte is the [DONE]
+    after the last lane's end). Returns the figures, for the report."""
+    race = poll_in_page(page, lambda: [r for r in page.finished if r.url.endswith("/page/race")], 10,
+                        "the race's request to finish")[-1]
+    seconds = race.timing["responseEnd"] / 1000
+    tokens = sum(lane_tokens(page))
+    shown = float(page.text_content("#race-rate").replace(",", ""))
+    assert tokens > 0 and seconds > 0
+    assert shown == pytest.approx(tokens / seconds, rel=0.05), (shown, tokens, seconds)
+    assert page.text_content("#race-sum").startswith(f" · {tokens:,} tokens in "), page.text_content("#race-sum")
+    return {"shown": shown, "tokens": tokens, "seconds": round(seconds, 2)}
+
+
+# The smallest computed font size of the visible text under `root`, as a share of the window's height.
+SMALLEST_TEXT = """root => {
+    const sizes = [], walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    while (walker.nextNode()) {
+        const element = walker.currentNode.parentElement, box = element.getBoundingClientRect();
+        if (walker.currentNode.textContent.trim() && box.width && box.height && element.checkVisibility())
+            sizes.push(parseFloat(getComputedStyle(element).fontSize));
+    }
+    return sizes.length ? Math.min(...sizes) / innerHeight : null;
+}"""
+
+# Each lane: header parts wider than their box, its finish reason and whether it shows whole, how much of its
+# text's top line is cut, how far its text is from the end, and how far the text box runs past its lane.
+LANES_AS_SHOWN = """items => new Promise(done => requestAnimationFrame(() => done(items.map(item => {
+    const head = item.querySelector('.lane-head'), finish = item.querySelector('.finish');
+    const body = item.querySelector('.text'), clip = item.querySelector('.clip');
+    const line = parseFloat(getComputedStyle(body).lineHeight), top = body.scrollTop % line;
+    const lane = item.getBoundingClientRect(), shown = finish.getBoundingClientRect();
+    return {
+        cut: [head, ...head.children].filter(e => e.scrollWidth > e.clientWidth).map(e => e.textContent),
+        finish: finish.textContent,
+        finishShown: shown.width > 0 && shown.left >= lane.left && shown.right <= lane.right + 0.5
+            && shown.bottom <= lane.bottom + 0.5,
+        topLineCut: Math.min(top, line - top),
+        fromEnd: body.scrollHeight - body.clientHeight - body.scrollTop,
+        pastLane: body.getBoundingClientRect().bottom - clip.getBoundingClientRect().bottom,
+    };
+}))))"""  # read in the next frame, after the page's own update of it: what the screen shows
+
+
+def check_lanes(page: Page, finished: bool) -> None:
+    """Every lane shows its latest lines whole (none cut at the top, the end in view) and its header whole; once
+    the race is over, its finish reason too."""
+    for i, lane in enumerate(page.eval_on_selector_all("#lanes .lane", LANES_AS_SHOWN), 1):
+        assert not lane["cut"], (i, lane)
+        assert lane["topLineCut"] < 1.5 and lane["fromEnd"] < 1.5 and lane["pastLane"] < 0.5, (i, lane)
+        if finished:
+            assert lane["finish"] in ("stop", "length") and lane["finishShown"], (i, lane)
+
+
+def screenshot(page: Page, name: str) -> None:
+    if UPDATE_SCREENSHOTS:
+        DOCS.mkdir(exist_ok=True)
+        page.screenshot(path=DOCS / name)
+
+
+def panel_figures(page: Page) -> tuple[str, str]:
+    """The panel's "running" and "generating", read together (the panel writes both at once)."""
+    return tuple(page.evaluate("['s-running', 's-gen'].map(id => document.getElementById(id).textContent)"))
 
 
 # ---- served by the real server: chat, stop, race, key, origins, latency ----
@@ -173,11 +264,81 @@ def test_a_race_of_eight_greedy_lanes_ends_with_eight_identical_answers_and_eigh
     assert lanes[0]["text"].strip() and all(lane["text"] == lanes[0]["text"] for lane in lanes)
     assert page.locator("#race-chart polyline.series").count() == 8
     assert most_running == 8, "the engine ran the 8 lanes at once (continuous batching)"
-    assert float(page.text_content("#race-rate").replace(",", "")) > 0
     assert page.text_content("#race-done") == "8 of 8"
-    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=SCREENSHOT)
+    check_race_total(page)
+    screenshot(page, SCREENSHOT.name)
+
+
+RACE_TOKENS = 64  # each lane's max_tokens in the race of 16: enough text to fill a lane, a race of seconds
+
+
+def chat_and_race_of_16(server, page: Page, name: str) -> dict:
+    """The chat mid-answer, then a race of 16 different greedy prompts, running and done, at this tab's size;
+    screenshots `docs/{name}-*.png`. Returns the smallest text of each part as a share of the window height."""
+    open_page(page, server.url)
+    settings(page, "chat", 0, 200)
+    ask(page, "Write a short poem about the sea.")
+    wait_for(lambda: page.locator(f"{ANSWER} .figures").count() and (len(answer(page)["text"]) > 120
+                                                                     or answer(page)["state"] != "streaming"),
+             120, what="the chat's answer to be well under way")
+    screenshot(page, f"{name}-chat.png")
+    shares = {"panel": page.eval_on_selector("#server", SMALLEST_TEXT),
+              "chat": page.eval_on_selector("#chat", SMALLEST_TEXT)}
+    if answer(page)["state"] == "streaming":
+        page.click("#stop")
+    wait_for(lambda: running(server) == 0, 10, what="the chat's request to end")
+
+    page.click("#tab-race")
+    page.click("#race-examples")
+    page.fill("#race-n", "16")
+    settings(page, "race", 0, RACE_TOKENS)
+    before = metric(httpx.get(server.url_for("metrics"), timeout=10).text, "vllm:generation_tokens_total")
+    page.click("#race-start")
+    readings, seen_running, deadline = [], False, time.monotonic() + 240
+    while page.get_attribute("#lanes", "data-state") != "finished":
+        assert time.monotonic() < deadline, "the race of 16 did not end within 240 s"
+        readings.append(panel_figures(page))
+        tokens = lane_tokens(page)
+        if not seen_running and len(tokens) == 16 and min(tokens) > 0 and sum(tokens) >= 10 * 16 \
+                and page.locator("#lanes .lane[data-state=streaming]").count():
+            seen_running = True
+            screenshot(page, f"{name}-race-running.png")
+            shares["lanes running"] = page.eval_on_selector("#lanes", SMALLEST_TEXT)
+            check_lanes(page, finished=False)
+        page.wait_for_timeout(100)  # a sampling interval for the panel, not a wait for the race
+    assert seen_running, "the race was never seen with every lane under way"
+    assert page.text_content("#race-done") == "16 of 16"
+    check_lanes(page, finished=True)
+    total = check_race_total(page)
+    after = metric(httpx.get(server.url_for("metrics"), timeout=10).text, "vllm:generation_tokens_total")
+    assert after - before == total["tokens"], "the lanes' tokens are the tokens vLLM generated"
+    screenshot(page, f"{name}-race.png")
+    shares |= {"lanes done": page.eval_on_selector("#lanes", SMALLEST_TEXT),
+               "race": page.eval_on_selector(".race-side", SMALLEST_TEXT)}
+    # The panel's "generating" agrees with what runs: never 0.0 beside running requests, a rate while they run.
+    assert not [r for r in readings if r[0] not in ("0", "–") and r[1] == "0.0 tok/s"], readings
+    assert [r for r in readings if r[0] not in ("0", "–") and r[1] not in ("–", "0.0 tok/s")], readings
+    poll_in_page(page, lambda: panel_figures(page) == ("0", "0.0 tok/s"), 10, "the panel to say nothing runs")
+    print(f"\n{name}: race {total}; text as a share of the window height {shares}")
+    assert not page.errors
+    return shares
+
+
+@pytest.mark.server
+def test_at_1280x720_and_1920x1080_the_chat_and_a_race_of_16_read_alike(server, browser):
+    """A projector shows 1280x720 or 1920x1080 on the same wall: every part's smallest text is at least as large
+    a share of the window's height at 1920 as at 1280 (and at least 2 %: 14.4 px at 720), lanes show their latest
+    lines and their finish reason whole, and the race's total is its lanes' tokens over its wall time."""
+    shares = {}
+    for viewport in VIEWPORTS:
+        tab = new_tab(browser, viewport)
+        try:
+            shares[viewport["width"]] = chat_and_race_of_16(server, tab, f"page-{viewport['width']}")
+        finally:
+            tab.context.close()
+    for part, share in shares[1280].items():
+        assert share >= 0.02, (part, shares)
+        assert shares[1920][part] >= share, (part, shares)
 
 
 @pytest.mark.server
@@ -200,10 +361,18 @@ def test_a_keyed_server_asks_for_the_key_then_streams_with_it(keyed_server, page
     assert "this server needs an api key" in page.text_content("#key-message").lower()
     assert page.text_content("#s-model") == WORKSHOP_MODEL  # /health needs no key
 
+    assert page.is_hidden("#key-forget"), "no key to forget yet"
+    assert page.is_visible("#key-toggle")  # the server has asked for one: the header's button stays
+
     page.fill("#key-input", WORKSHOP_KEY)
     page.click("#key button:has-text('Use this key')")
     page.wait_for_selector("#key", state="hidden")
     assert page.evaluate("Object.values(sessionStorage)") == [WORKSHOP_KEY]
+    page.click("#key-toggle")
+    assert page.text_content("#key-message") == "A key is set for this tab."
+    assert page.is_visible("#key-forget")
+    page.click("#key-toggle")
+    page.wait_for_selector("#key", state="hidden")
     settings(page, "chat", 0, 16)
     ask(page, "Say hello.")
     final = wait_until_answered(page)
@@ -212,6 +381,33 @@ def test_a_keyed_server_asks_for_the_key_then_streams_with_it(keyed_server, page
     assert [r.url for r in chat] == [url + "/v1/chat/completions"]
     assert chat[0].headers["authorization"] == f"Bearer {WORKSHOP_KEY}"
     assert WORKSHOP_KEY not in page.content()
+
+
+@pytest.mark.server
+def test_the_key_form_offers_to_forget_a_key_only_when_one_is_set(keyed_server, page):
+    url = keyed_server.url + WORKSHOP_ROOT_PATH
+    open_page(page, url)
+    page.wait_for_selector("#key:visible")
+    assert page.is_hidden("#key-forget")
+    page.click("#key button:has-text('Use this key')")  # nothing typed: no key is set
+    assert page.evaluate("Object.values(sessionStorage)") == [] and page.is_hidden("#key-forget")
+
+    page.fill("#key-input", "not-the-key")
+    page.click("#key button:has-text('Use this key')")
+    page.wait_for_function("document.querySelector('#key-message').textContent.includes('did not accept')")
+    assert page.is_visible("#key-forget")  # a wrong key is still a key to forget
+    page.click("#key-forget")
+    assert page.evaluate("Object.values(sessionStorage)") == []
+    page.wait_for_selector("#key-forget", state="hidden")
+    assert page.is_visible("#key-input") and page.is_visible("#key button:has-text('Use this key')")
+    assert page.is_visible("#key-toggle")
+
+
+@pytest.mark.server
+def test_a_server_without_keys_shows_no_key_controls(server, page):
+    open_page(page, server.url)
+    page.wait_for_function("document.querySelector('#model').options.length > 0")  # v1/models answered
+    assert page.is_hidden("#key-toggle") and page.is_hidden("#key") and page.is_hidden("#key-forget")
 
 
 def race_on_the_workshop_server(keyed_server, page, key: str, lanes: int) -> list[str]:
@@ -346,6 +542,41 @@ def test_the_panel_says_when_the_server_is_unreachable_or_its_engine_dead(server
     page.route("**/health", lambda route: route.abort())
     page.wait_for_selector("#status[data-state=unreachable]", timeout=5_000)
     assert page.text_content("#status") == "server unreachable"
+
+
+# ---- the page's own arithmetic, in the browser, on made-up figures ----
+
+def test_the_rates_read_steady_when_tokens_come_in_slow_bursts(page):
+    """A loaded engine: a step every 1.4 s gives each of 16 requests a token (11.4 tokens/s in all); the panel
+    reads vLLM's counter every second, the race sees each step's tokens reach the page over two frames. Neither
+    the panel's rate nor the race's total drops to 0 or doubles between steps, as one-poll windows did."""
+    page.route("http://page.test/**", lambda route: route.fulfill(
+        path=STATIC_DIR / route.request.url.rsplit("/", 1)[1]) if route.request.url.endswith(".js")
+        else route.fulfill(status=200, content_type="text/html", body="<!doctype html><title>rates</title>"))
+    page.goto("http://page.test/")
+    panel, race = page.evaluate("""async () => {
+        const { addSample, generationRate } = await import("/page/panel.js");
+        const { addBurst, burstRate } = await import("/page/race.js");
+        const counter = (ms) => 16 * Math.floor(ms / 1400);
+        let samples = [];
+        const panel = [];
+        for (let at = 300; at < 30000; at += 1000) {
+            samples = addSample(samples, at, counter(at));
+            panel.push(generationRate(samples, 16));
+        }
+        const bursts = [[0, 0]], race = [];
+        for (let step = 1; step < 20; step++) {
+            for (const [late, part] of [[0, 10], [16, 16]])
+                addBurst(bursts, 1400 * step + 250 + late, 16 * (step - 1) + part);
+            race.push([1400 * step, burstRate(bursts, 3000)]);  // once the step's tokens are all in
+        }
+        return [panel, race];
+    }""")
+    assert panel[0] is None  # requests run, no step seen yet: "–", not 0.0
+    assert all(rate is None or rate > 0 for rate in panel), panel
+    assert all(16 / 1.4 * 0.75 < rate < 16 / 1.4 * 1.25 for rate in panel[6:]), panel
+    assert all(rate == pytest.approx(16 / 1.4, rel=0.01) for at, rate in race if at > 5000), race
+    assert page.evaluate("import('/page/panel.js').then(m => m.generationRate([], 0))") == 0  # none runs
 
 
 # ---- in process: the routes, the policy, --no-page ----

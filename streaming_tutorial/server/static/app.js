@@ -8,12 +8,21 @@ const $ = (id) => document.getElementById(id);
 let models = null;  // the served model names, from v1/models (the API's own answer, not /health's)
 let loading = false;
 let needsKey = false;  // after a 401, wait for the user's key instead of asking again every second
+let asked = false;  // the server has asked for a key once: the header's "API key" button stays from then on
 
 const currentModel = () => $("model").value || models?.[0];
+
+// The key form shows what applies: "Forget the key" only when there is one to forget; the header's button only
+// once the server has asked for a key, or a key is set (a server without keys never shows either).
+function showKeyControls() {
+  $("key-forget").hidden = !apiKey.get();
+  $("key-toggle").hidden = !(asked || apiKey.get());
+}
 
 function showKeyForm(message) {
   $("key-message").textContent = message;
   $("key").hidden = false;
+  showKeyControls();
   $("key-input").focus();
 }
 
@@ -43,21 +52,25 @@ function showTab() {
 
 window.addEventListener("api-key-needed", () => {
   needsKey = true;
+  asked = true;
   showKeyForm(apiKey.get()
     ? "The server did not accept this API key. Paste the right one."
     : "This server needs an API key. Paste it here: it stays in this tab only.");
 });
 $("key").addEventListener("submit", (event) => {
   event.preventDefault();
-  apiKey.set($("key-input").value.trim());
+  const key = $("key-input").value.trim();
+  if (!key) { $("key-input").focus(); return; }
+  apiKey.set(key);
   $("key-input").value = "";
   needsKey = false;
+  showKeyControls();
   loadModels();
 });
 $("key-forget").addEventListener("click", () => {
   apiKey.set("");
   models = null;
-  showKeyForm("Key forgotten.");
+  showKeyForm("Key forgotten. Paste a key to use one.");
 });
 $("key-toggle").addEventListener("click", () => {
   if ($("key").hidden) showKeyForm(apiKey.get() ? "A key is set for this tab." : "No key set.");
@@ -66,6 +79,7 @@ $("key-toggle").addEventListener("click", () => {
 window.addEventListener("hashchange", showTab);
 
 showTab();
+showKeyControls();
 setupChat(currentModel);
 setupRace(currentModel);
 setupPanel(() => { if (!models && !needsKey) loadModels(); });

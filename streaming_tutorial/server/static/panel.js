@@ -6,6 +6,10 @@ import { fmt, headers } from "./api.js";
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
 const TIMEOUT_MS = 3000;
+// "Generating" is vLLM's generation-token counter over the last RATE_WINDOW_MS of polls. The counter grows once
+// per engine step, for every running request at once; on a loaded CPU a step can take longer than a poll, and a
+// one-poll window then reads 0 beside a full batch, then twice the rate.
+const RATE_WINDOW_MS = 5000;
 // `name{label="value",...} value`: label values may hold spaces and braces inside their quotes.
 const SAMPLE = /^([A-Za-z_:][\w:]*)(?:\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)/;
 
@@ -19,13 +23,31 @@ export function parseMetrics(text) {
   return sums;
 }
 
+// Tokens/s from `samples` ({at: ms, tokens: counter}, oldest first, over the window) with `running` requests:
+// 0 when none runs, null ("–") when some run but the window holds no step yet.
+export function generationRate(samples, running) {
+  if (!running) return 0;
+  const first = samples[0], last = samples[samples.length - 1];
+  if (!first || last.at <= first.at || last.tokens <= first.tokens) return null;
+  return (last.tokens - first.tokens) / ((last.at - first.at) / 1000);
+}
+
+// `samples` with the counter read at `now` added, and those older than the window dropped (one is kept from
+// before it, so that the window is full).
+export function addSample(samples, now, tokens) {
+  const kept = samples.length && tokens < samples[samples.length - 1].tokens ? [] : [...samples];  // a new engine's
+  kept.push({ at: now, tokens });
+  while (kept.length > 2 && kept[1].at <= now - RATE_WINDOW_MS) kept.shift();
+  return kept;
+}
+
 async function get(path) {
   return fetch(path, { headers: headers(), signal: AbortSignal.timeout(TIMEOUT_MS), cache: "no-store" });
 }
 
 export function setupPanel(onHealthy) {
   const status = $("status"), problem = $("s-problem"), server = $("server");
-  let previous = null;  // the last generation-token count and when it was read, for the rate
+  let samples = [];  // the generation-token counter, {at, tokens}, over the last RATE_WINDOW_MS: the rate
 
   function setState(state, label, detail = "") {
     status.dataset.state = state;
@@ -73,11 +95,11 @@ export function setupPanel(onHealthy) {
       $("s-running").textContent = fmt(m["vllm:num_requests_running"]);
       $("s-waiting").textContent = fmt(m["vllm:num_requests_waiting"]);
       $("s-kv").textContent = m["vllm:kv_cache_usage_perc"] === undefined ? "–" : `${fmt(100 * m["vllm:kv_cache_usage_perc"], 1)} %`;
-      $("s-gen").textContent = previous && generated !== undefined
-        ? `${fmt(Math.max(0, generated - previous.tokens) / ((now - previous.at) / 1000), 1)} tok/s` : "–";
-      previous = generated === undefined ? null : { tokens: generated, at: now };
+      samples = generated === undefined ? [] : addSample(samples, now, generated);
+      const rate = generated === undefined ? null : generationRate(samples, m["vllm:num_requests_running"]);
+      $("s-gen").textContent = rate === null ? "–" : `${fmt(rate, 1)} tok/s`;
     } catch {
-      previous = null;
+      samples = [];
       for (const id of ["s-running", "s-waiting", "s-kv", "s-gen"]) $(id).textContent = "–";
     }
   }
