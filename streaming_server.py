@@ -51,6 +51,7 @@ from streaming_tutorial.server.restart_hooks import install_restart_hooks, last_
 from streaming_tutorial.server.seeded_sampling import let_seeded_prefill_chunks_rewind
 from streaming_tutorial.server.shutdown import EngineDeathWatch, adopt_orphans, stop_leftover_processes
 from streaming_tutorial.server.startup_signals import StartupGuard
+from streaming_tutorial.server.top_p import let_top_p_skip_the_full_sort
 
 logger = init_logger("vllm.streaming_server")  # under "vllm", so it gets vLLM's log format and handler
 
@@ -61,6 +62,7 @@ if running_on_cpu():
     quiet_uniprocess_warnings()
     if __name__ == "__mp_main__":  # vLLM's engine (or worker) process, where the model samples
         let_seeded_prefill_chunks_rewind()
+        let_top_p_skip_the_full_sort()
 
 # Seconds the HTTP server waits for open connections once the engine has stopped (see main()).
 HTTP_SHUTDOWN_GRACE_S = 3
