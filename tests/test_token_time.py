@@ -10,18 +10,20 @@ import time
 
 import pytest
 
+from streaming_tutorial.client.bound import (
+    matmul_flops,
+    read_bandwidth,
+    safetensors_parameters,
+    served_bytes_per_param,
+    served_model_dir,
+)
 from streaming_tutorial.client.latency import RequestResult
 from streaming_tutorial.client.token_time import (
     Anatomy,
     Level,
     OtherRequests,
     Timed,
-    matmul_flops,
-    read_bandwidth,
     requests_on_server,
-    safetensors_parameters,
-    served_bytes_per_param,
-    served_model_dir,
     server_defaults,
     server_itl_window,
     system_prompt,
