@@ -18,6 +18,7 @@ from workshop_clients import Stream, async_client, stream_chat
 
 from streaming_tutorial.client.metrics import metric
 from streaming_tutorial.processes.local_server import PROJECT_ROOT
+from streaming_tutorial.server import app
 from streaming_tutorial.server.args import parse_args
 from streaming_tutorial.server.keys import (
     KeyRing,
@@ -207,3 +208,14 @@ def test_editing_the_keys_file_adds_removes_and_changes_keys_while_streams_run(k
     revoked = metric(metrics(keyed_server.url), "tutorial:rejections_total", reason="revoked") - revoked_before
     assert revoked == 2
     wait_for(lambda: status(keys["student-4"]) == 200, RELOAD_DEADLINE_S, what="the restored keys file")
+
+
+def test_the_keys_file_is_read_once_when_the_server_starts(monkeypatch, tmp_path):
+    """`streaming_server.main` reads the keys (load_keyring) before the engine loads; the app reuses them."""
+    path = tmp_path / "keys.txt"
+    path.write_text("alice:k1\n")
+    args = parse_args(["--api-keys-file", str(path)])
+    keyring = app.load_keyring(args)
+    monkeypatch.setattr(app, "keyring_from_args", lambda *a, **k: pytest.fail("the keys file was read again"))
+    built = app.create_app(args, ("generate",))
+    assert built.state.tutorial_keyring is keyring and [k.name for k in keyring.keys] == ["alice"]
