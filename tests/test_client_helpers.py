@@ -148,3 +148,10 @@ def test_requests_during_a_failure_marks_the_kill_and_the_unhealthy_moment():
     assert [t.get_text() for t in ax.texts] == ["kill", "router marks it unhealthy"]
     assert not math.isnan(ax.lines[1].get_xdata()[0]) and ax.lines[1].get_xdata()[0] == 3.0
     matplotlib.pyplot.close(fig)
+
+
+def test_wait_until_pauses_with_the_function_it_is_given():
+    pauses = []
+    with pytest.raises(TimeoutError):
+        wait_until(lambda: False, timeout=0.05, interval=0.01, pause=lambda seconds: pauses.append(seconds))
+    assert pauses and set(pauses) == {0.01}

@@ -126,11 +126,7 @@ def chunk(content: str | None = None, finish: str | None = None) -> dict:
 
 def poll_in_page(page: Page, condition, timeout: float, what: str):
     """`wait_for`, waiting in the browser: Playwright hands over the page's events (`requestfinished`) meanwhile."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        page.wait_for_timeout(50)
-    return value
+    return wait_for(condition, timeout, what=what, pause=lambda seconds: page.wait_for_timeout(seconds * 1000))
 
 
 def lane_tokens(page: Page) -> list[int]:

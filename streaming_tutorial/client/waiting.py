@@ -14,13 +14,15 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(check: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "the condition") -> T:
+def wait_until(check: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "the condition",
+               pause: Callable[[float], object] = time.sleep) -> T:
     """Call `check` every `interval` seconds until it returns something true, and return that. Raises
-    TimeoutError naming `what` if `timeout` seconds pass first (`check` runs at least once)."""
+    TimeoutError naming `what` if `timeout` seconds pass first (`check` runs at least once). `pause` waits
+    between checks (a browser test passes Playwright's, which handles the page's events meanwhile)."""
     started = time.monotonic()
     while True:
         if value := check():
             return value
         if time.monotonic() - started >= timeout:
             raise TimeoutError(f"waited {timeout:g} s for {what}")
-        time.sleep(interval)
+        pause(interval)
