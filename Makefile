@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 VPY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model browser serve cluster test screenshot lint lab bench study busy budget clean
+.PHONY: help setup model browser serve cluster test screenshot lint lab bench study busy budget seam clean
 
 help: ## Show this menu
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,7 +35,7 @@ browser: setup ## Find a Chromium for the page's tests (Playwright's, else the s
 	$(VPY) -m streaming_tutorial.processes.browser
 
 test: model browser ## Run the tests and the notebooks against real vLLM servers (ARGS="-k page" narrows them)
-	$(VPY) -m pytest $(ARGS)
+	TUTORIAL_REQUIRE_BROWSER=1 $(VPY) -m pytest $(ARGS)
 
 screenshot: model browser ## Regenerate docs/page-*.png: the race in README, and chat and race at 1280x720 and 1920x1080 (a real browser)
 	UPDATE_SCREENSHOTS=1 $(VPY) -m pytest tests/test_page.py -k race
@@ -43,8 +43,10 @@ screenshot: model browser ## Regenerate docs/page-*.png: the race in README, and
 lint: setup ## Check code and notebooks with ruff (seconds)
 	$(VENV)/bin/ruff check .
 
+# Prints its address with the token (and an SSH tunnel to it when this machine has no browser); works as root.
+# ARGS="..." passes JupyterLab flags, e.g. ARGS="--ip 0.0.0.0" to listen beyond loopback.
 lab: model ## Open the notebooks in JupyterLab
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VPY) -m streaming_tutorial.processes.lab $(ARGS)
 
 bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (about 10 minutes; ARGS="--against fresh")
 	$(VPY) scripts/bench.py $(ARGS)
@@ -55,8 +57,11 @@ study: model ## Measure each candidate CPU default, one server at a time (about 
 busy: model browser ## Measure the engine beside a busy laptop: a busy loop, a niced one, the page racing (about 20 minutes)
 	$(VPY) scripts/busy_laptop.py $(ARGS)
 
-budget: model ## Measure how long one long prompt stalls the other streams, per prefill budget (about 10 minutes)
+budget: model ## Measure how long one long prompt stalls the other streams, per prefill chunk (about 10 minutes)
 	$(VPY) scripts/long_prompt.py $(ARGS)
+
+seam: setup ## Check the seam's patches against another vLLM, its wheel fetched to /tmp (VLLM=0.34.0; not in CI)
+	$(VPY) scripts/seam.py $(or $(VLLM),0.34.0) $(ARGS)
 
 clean: ## Remove .venv and the prepared model
 	rm -rf $(VENV) models

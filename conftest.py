@@ -51,12 +51,47 @@ def pytest_sessionfinish(session, exitstatus):
 # A test that uses one of these fixtures talks to a real server, so it is marked `server` (pytest.ini);
 # tests that start their own server carry the marker themselves.
 SERVER_FIXTURES = {"server", "http", "client", "model_name", "keyed_server"}
+# A test that uses this fixture drives a real Chromium (tests/test_page.py, tests/test_lab.py): marked `browser`.
+BROWSER_FIXTURE = "browser"
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if Path(str(item.path)).suffix == ".ipynb" or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if Path(str(item.path)).suffix == ".ipynb" or SERVER_FIXTURES & fixtures:
             item.add_marker(pytest.mark.server)
+        if BROWSER_FIXTURE in fixtures:
+            item.add_marker(pytest.mark.browser)
+
+
+# `make test` installs a browser first (`make browser`) and sets this, so there a missing one fails; a quick
+# `pytest -m "not server"` on a machine without one skips the browser tests and says how to get one.
+REQUIRE_BROWSER = os.environ.get("TUTORIAL_REQUIRE_BROWSER") == "1"
+_chromium: list[str | None] = []  # found once per session
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium (streaming_tutorial/processes/browser.py), one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    from streaming_tutorial.processes.browser import launch
+
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()
+
+
+def chromium_or_skip(item) -> None:
+    if REQUIRE_BROWSER or item.get_closest_marker("browser") is None:
+        return
+    if not _chromium:
+        from streaming_tutorial.processes.browser import find
+        _chromium.append(find())
+    if _chromium[0] is None:
+        from streaming_tutorial.processes.browser import HOW_TO_GET_ONE
+        pytest.skip(HOW_TO_GET_ONE)
 
 
 # The busy neighbour's streams at once (TUTORIAL_NEIGHBOUR_STREAMS=0 turns it off): 8, as the page's race of a
@@ -123,6 +158,7 @@ _neighbours: dict[str, BusyNeighbour] = {}
 
 
 def pytest_runtest_setup(item):
+    chromium_or_skip(item)
     path = Path(str(getattr(item, "path", item.fspath)))
     if path.suffix != ".ipynb" or path.name in NOTEBOOKS_WITH_OWN_SERVER:
         return

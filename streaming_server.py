@@ -26,20 +26,19 @@ import sys
 
 try:
     import uvloop
-    from vllm.entrypoints.launchers import launcher
     from vllm.entrypoints.launchers.api_server import entry
-    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
-    from vllm.entrypoints.serve.exception_handling.handlers import vllm_error as vllm_error_handler
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args, init_logger
+
+    from streaming_tutorial.server import seam  # every vLLM internal this server replaces (server/seam.py)
+
+    cli_env_setup, validate_parsed_serve_args = seam.cli_env_setup(), seam.cli_args("validate_parsed_serve_args")
 except ImportError as error:
     sys.exit(f"error: vLLM is not importable from {sys.executable} ({error}); "
              "run `make setup`, then `make serve` or `.venv/bin/python streaming_server.py`.")
 
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, ModelPreparationError, prepare
-from streaming_tutorial.server.app import create_app, load_keyring
+from streaming_tutorial.server.app import load_keyring
 from streaming_tutorial.server.args import parse_args
-from streaming_tutorial.server.compile_cache import let_inductor_artifacts_load
 from streaming_tutorial.server.cpu_defaults import (
     apply_cpu_env_defaults,
     engine_core_env_defaults,
@@ -47,22 +46,19 @@ from streaming_tutorial.server.cpu_defaults import (
     quiet_uniprocess_warnings,
     running_on_cpu,
 )
-from streaming_tutorial.server.restart_hooks import install_restart_hooks, last_line
-from streaming_tutorial.server.seeded_sampling import let_seeded_prefill_chunks_rewind
+from streaming_tutorial.server.restart_hooks import last_line
 from streaming_tutorial.server.shutdown import EngineDeathWatch, adopt_orphans, stop_leftover_processes
 from streaming_tutorial.server.startup_signals import StartupGuard
-from streaming_tutorial.server.top_p import let_top_p_skip_the_full_sort
 
 logger = init_logger("vllm.streaming_server")  # under "vllm", so it gets vLLM's log format and handler
 
 if running_on_cpu():
     # At import, not in main(): vLLM's engine and worker processes are spawned, and spawning re-imports this
-    # file in them (as __mp_main__), so this also runs in the process that loads the compiled model.
-    let_inductor_artifacts_load()
+    # file in them (as __mp_main__), so this also runs in the process that loads the compiled model. The seam
+    # decides which of its CPU fixes hold on this vLLM (the compiled-model cache here; top-p and the seeded
+    # rewind in the engine (or worker) process, where the model samples); main() logs what is off.
+    seam.install_at_import(engine_process=__name__ == "__mp_main__")
     quiet_uniprocess_warnings()
-    if __name__ == "__mp_main__":  # vLLM's engine (or worker) process, where the model samples
-        let_seeded_prefill_chunks_rewind()
-        let_top_p_skip_the_full_sort()
 
 # Seconds the HTTP server waits for open connections once the engine has stopped (see main()).
 HTTP_SHUTDOWN_GRACE_S = 3
@@ -80,27 +76,30 @@ def main(argv: list[str] | None = None) -> None:
             os.environ.update(engine_core_env_defaults())  # inherited by the EngineCore, which vLLM spawns
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
-    load_keyring(args)  # 3. API keys by name: a malformed keys file stops here, before the engine loads
+    keyring = load_keyring(args)  # 3. API keys by name: a malformed keys file stops here, before the engine loads
+    # 4. Which of vLLM's internals this server may replace on this vLLM (server/seam.py): one line per patch
+    # that is off. Without our app, keys would not be checked: never serve then.
+    seam.report(logger)
+    if keyring is not None and not seam.on("app"):
+        sys.exit(f"error: API keys need this server's app, which cannot be added to vLLM {seam.current().version} "
+                 f"({seam.current().decision('app').why}); not serving without them.")
     if args.model == str(DEFAULT_MODEL_DIR):
         try:
-            prepare(DEFAULT_MODEL_DIR)  # 4. the bundled model, prepared once and verified (streaming_tutorial/model.py)
+            prepare(DEFAULT_MODEL_DIR)  # 5. the bundled model, prepared once and verified (streaming_tutorial/model.py)
         except ModelPreparationError as error:
             sys.exit(f"error: {error}")
-    # 5. Our routes and middlewares on vLLM's app (server/app.py): vLLM's serve path builds its app with the
-    # module-level `build_app`; pointing that name at `create_app` adds ours and keeps everything else.
-    entry.build_app = create_app
-    # 6. Stopping stops everything, and an engine death shows in the exit code (server/shutdown.py), or a new
-    # engine starts in its place with --restart-engine (server/engine_restart.py).
+    # 6. SIGTERM or Ctrl-C while starting stops every process at once (server/startup_signals.py); once the
+    # server serves, vLLM's graceful shutdown takes over. (Until here no child process exists.)
     adopt_orphans()
-    death = EngineDeathWatch()
-    death.install(launcher, vllm_error_handler)
-    install_restart_hooks(launcher, vllm_error_handler)
-    # 7. SIGTERM or Ctrl-C while starting stops every process at once (server/startup_signals.py); once the
-    # server serves, vLLM's graceful shutdown takes over. Installed again just before the engine starts, since
-    # vLLM's run_server replaces the SIGTERM handler. (Until here no child process exists.)
     guard = StartupGuard()
     guard.install()
-    guard.wrap_once(entry, "build_async_engine_client")
+    death = EngineDeathWatch()
+    # 7. Through the seam, each where vLLM calls it: our routes and middlewares on vLLM's app (server/app.py;
+    # vLLM's serve path builds its app with the module-level `build_app`, which now points at `create_app`);
+    # the start-up guard again just before the engine starts (vLLM's run_server replaces the SIGTERM handler);
+    # an engine death in the exit code (server/shutdown.py), or a new engine in its place with
+    # --restart-engine (server/engine_restart.py), worded for a student (server/restart_hooks.py).
+    seam.install_in_api_server(death, guard)
     try:
         # After SIGINT/SIGTERM vLLM stops the engine first; an in-flight stream then never ends, and uvicorn
         # would wait for its client to hang up. Bound that wait: such connections are closed.

@@ -15,11 +15,11 @@ from starlette.testclient import TestClient
 
 from streaming_tutorial.server.app import create_app
 from streaming_tutorial.server.args import parse_args
-from streaming_tutorial.server.security import OPEN_ROUTES, is_open_route
+from streaming_tutorial.server.routes import ROUTES, is_open_route
 
-# The decision, spelled out: these and only these answer without a key (see security.py for why).
+# The decision, spelled out: these and only these answer without a key (see routes.py for why).
 EXPECTED_OPEN = {"/health", "/ping", "/load", "/version", "/metrics", "/metrics/", "/openapi.json", "/docs",
-                 "/docs/oauth2-redirect", "/redoc", "/"}  # "/": the classroom page (static, no secret)
+                 "/docs/oauth2-redirect", "/redoc", "/", "/page/{file:path}"}  # the classroom page (static, no secret)
 # Routes vLLM 0.32's own middleware leaves open although they run inference or act on the server.
 VLLM_GAPS = ["/invocations", "/generative_scoring", "/scale_elastic_ep", "/tokenize", "/detokenize",
              "/kv_event_sources", "/is_scaling_elastic_ep"]
@@ -44,9 +44,11 @@ def keyed_app():
 
 
 def test_open_routes_are_exactly_the_harmless_read_only_ones():
-    assert set(OPEN_ROUTES) == EXPECTED_OPEN
-    for path, methods in OPEN_ROUTES.items():
+    open_routes = {path: route.open_methods for path, route in ROUTES.items() if route.open_methods}
+    assert set(open_routes) == EXPECTED_OPEN
+    for path, methods in open_routes.items():
         assert methods <= {"GET", "HEAD"} or path == "/ping", (path, methods)  # SageMaker pings with POST
+        assert not ROUTES[path].runs_inference, path
 
 
 def test_every_route_but_the_open_ones_needs_the_key(keyed_app):

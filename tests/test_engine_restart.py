@@ -14,7 +14,7 @@ import httpx
 import pytest
 from server_checks import error_of, own_server, wait_for
 from starlette.testclient import TestClient
-from test_page import answer, ask, browser, open_page, page, settings, wait_until_answered  # noqa: F401 (fixtures)
+from test_page import answer, ask, open_page, page, settings, wait_until_answered  # noqa: F401 (fixtures)
 from test_shutdown import engine_core
 
 from streaming_tutorial.client.sse import DONE, sse_events

@@ -21,13 +21,8 @@ from workshop_clients import HOG_PROMPTS, Stream, async_client, hog, stream_chat
 from streaming_tutorial.client.metrics import metric
 from streaming_tutorial.server.app import create_app
 from streaming_tutorial.server.args import parse_args
-from streaming_tutorial.server.request_checks import (
-    INFERENCE_ROUTES,
-    NOT_INFERENCE_ROUTES,
-    Limits,
-    check_request,
-    runs_inference,
-)
+from streaming_tutorial.server.request_checks import Limits, check_request
+from streaming_tutorial.server.routes import INFERENCE_ROUTES, ROUTES, runs_inference
 from streaming_tutorial.server.traffic import Traffic
 
 HI = [{"role": "user", "content": "hi"}]
@@ -45,12 +40,11 @@ def test_every_post_route_is_known_to_run_inference_or_not():
     """A POST route vLLM adds in a later version fails this test until someone decides which it is (and until
     then the middleware treats it as inference: it fails closed)."""
     routes = post_routes()
-    unclassified = {p for p in routes if p not in INFERENCE_ROUTES and p not in NOT_INFERENCE_ROUTES
-                    and not p.endswith("/{response_id}/cancel")}
-    assert not unclassified, f"classify these in streaming_tutorial/server/request_checks.py: {sorted(unclassified)}"
+    unclassified = {p for p in routes if p not in ROUTES}
+    assert not unclassified, f"classify these in streaming_tutorial/server/routes.py: {sorted(unclassified)}"
     assert set(INFERENCE_ROUTES) <= routes, "a listed inference route no longer exists: update the list"
     assert all(runs_inference(p, "POST") for p in INFERENCE_ROUTES)
-    assert not any(runs_inference(p, "POST") for p in NOT_INFERENCE_ROUTES)
+    assert not any(runs_inference(p, "POST") for p in routes - INFERENCE_ROUTES)
     assert runs_inference("/v1/some_future_route", "POST")  # unknown: checked and counted
     assert not runs_inference("/v1/responses/resp_1/cancel", "POST")
     assert not runs_inference("/v1/models", "GET") and not runs_inference("/health", "GET")

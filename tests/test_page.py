@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page
 from server_checks import WORKSHOP_KEY, WORKSHOP_MODEL, WORKSHOP_ROOT_PATH, wait_for
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
@@ -28,7 +28,6 @@ from starlette.testclient import TestClient
 
 from streaming_tutorial.client.metrics import metric
 from streaming_tutorial.client.sse import DONE, sse_events
-from streaming_tutorial.processes.browser import launch
 from streaming_tutorial.server.app import create_app
 from streaming_tutorial.server.args import parse_args
 from streaming_tutorial.server.page import STATIC_DIR, race
@@ -40,14 +39,6 @@ VIEWPORT = {"width": 1280, "height": 720}  # a projector
 VIEWPORTS = [VIEWPORT, {"width": 1920, "height": 1080}]  # and a projector's other usual size
 ANSWER = "#messages li.assistant:last-child"
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 def new_tab(browser, viewport: dict = VIEWPORT) -> Page:

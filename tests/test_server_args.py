@@ -86,6 +86,27 @@ def test_a_small_cpu_prefills_a_long_prompt_in_short_steps_unless_told_otherwise
     assert parse_args(argv).max_num_batched_tokens == expected
 
 
+@pytest.mark.parametrize("argv, cpu_computes, cores, on_cpu, expected", [
+    ([], "float32", 2, True, 32),  # an AVX2-only laptop: fp32, a long prompt in 32-token chunks beside others
+    ([], "bfloat16", 2, True, 0),  # native bf16 (AVX-512): the 128-token budget is chunk enough
+    (["--dtype", "float"], "bfloat16", 2, True, 32),  # fp32 asked for on any CPU
+    (["--dtype", "auto"], "float32", 2, True, 32),  # auto: what this server picks for the CPU
+    (["--long-prefill-token-threshold", "64"], "float32", 2, True, 64),  # the user's cap wins
+    (["--long-prefill-token-threshold", "0"], "float32", 2, True, 0),  # and so does the user's "no cap"
+    (["--max-num-batched-tokens", "16", "--max-num-seqs", "16"], "float32", 2, True, 0),  # budget under the chunk
+    (["--no-enable-chunked-prefill"], "float32", 2, True, 0),  # whole prompts in one step
+    ([], "float32", 8, True, 0),  # a bigger CPU, and a GPU: vLLM's own
+    ([], "float32", 2, False, 0),
+])
+def test_a_long_prompt_beside_other_streams_is_read_in_chunks_the_cpu_computes_quickly(
+        monkeypatch, argv, cpu_computes, cores, on_cpu, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(cpu_defaults.psutil, "cpu_count", lambda logical=True: cores)
+    monkeypatch.setattr(cpu_defaults, "running_on_cpu", lambda: on_cpu)
+    monkeypatch.setattr(cpu_defaults, "cpu_dtype", lambda: cpu_computes)
+    assert parse_args(argv).long_prefill_token_threshold == expected
+
+
 def test_the_engine_gets_intel_openmp_unless_the_user_preloads_a_library(monkeypatch):
     """cpu_defaults.engine_core_env_defaults: what keeps the engine streaming beside a busy core."""
     monkeypatch.delenv("LD_PRELOAD", raising=False)

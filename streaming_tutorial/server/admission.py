@@ -1,7 +1,8 @@
 """Admission on a shared server: who may start a request now, what is in flight, and what it cost (issue 11).
 
-In front of vLLM's app, after the key check (server/security.py) and the per-request checks
-(server/request_checks.py), `LimitsMiddleware` decides on what is running now:
+Right in front of vLLM's middlewares, inside the key check, the body buffer and engine restarts (the order is in
+server/request_path.py), `LimitsMiddleware` runs the per-request checks (server/request_checks.py) on every route
+that runs inference (server/routes.py), then decides on what is running now:
 
 1. Per-key concurrency: at most K requests in flight per API key (a keys file may give a key its own K); more
    get a 429 with Retry-After. Requests made with a key that is removed from the keys file end: a stream gets a
@@ -21,18 +22,12 @@ import json
 import logging
 import time
 
-from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streaming_tutorial.server.keys import POLL_SECONDS, Key, KeyRing
-from streaming_tutorial.server.request_checks import (
-    Limits,
-    cap_default_output_tokens,
-    check_request,
-    request_sequences,
-    runs_inference,
-)
-from streaming_tutorial.server.security import error_body, send_error
+from streaming_tutorial.server.request_checks import Limits, cap_default_output_tokens, check_request, request_sequences
+from streaming_tutorial.server.routes import route_path, runs_inference
+from streaming_tutorial.server.security import KEY, error_body, read_body, send_error
 from streaming_tutorial.server.traffic import (
     ANONYMOUS,
     CURRENT,
@@ -59,9 +54,9 @@ def sse_event(payload: dict) -> bytes:
 
 
 class LimitsMiddleware:
-    """Pure ASGI, inside the key check and the body-size limit: per-request limits (400), per-key concurrency
-    (429), the queue bound (503), then runs the request so that it can be ended if its key is removed, and
-    counts and logs it when it finishes."""
+    """Pure ASGI, inside the key check and the body buffer (server/request_path.py), on the routes that run
+    inference (server/routes.py): per-request limits (400), per-key concurrency (429), the queue bound (503), then
+    runs the request so that it can be ended if its key is removed, and counts and logs it when it finishes."""
 
     def __init__(self, app: ASGIApp, limits: Limits, traffic: Traffic) -> None:
         self.app = app
@@ -77,13 +72,12 @@ class LimitsMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        path = route_path(scope)
         if not runs_inference(path, scope.get("method", "GET")):
             return await self.app(scope, receive, send)
-        body_bytes = scope.get("tutorial.body")
-        if body_bytes is None:  # without the body-size middleware in front (unit tests): read it here
-            body_bytes, receive = await buffer_body(receive)
-        key: Key | None = scope.get("tutorial.key")
+        # The body the body buffer read (server/security.py); read here only in a stack without it.
+        body_bytes, receive = await read_body(scope, receive)
+        key: Key | None = scope.get(KEY)
         name = key.name if key else ANONYMOUS
         try:
             body = json.loads(body_bytes)
@@ -165,27 +159,11 @@ class LimitsMiddleware:
         await self.app(scope, receive, send)
 
 
-async def buffer_body(receive: Receive) -> tuple[bytes, Receive]:
-    messages: list[Message] = []
-    while True:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            break
-    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
-    replay = ([{"type": "http.request", "body": body, "more_body": False}]
-              if messages[-1]["type"] == "http.request" else messages[-1:])
-
-    async def replaying_receive() -> Message:
-        return replay.pop(0) if replay else await receive()
-
-    return body, replaying_receive
-
-
 # ---- wiring ----
 
 def install_limits(app, args, model_config=None, keyring: KeyRing | None = None) -> None:
-    """Add the limits middleware, the per-key counters and the keys-file watcher to vLLM's app."""
+    """Add the limits' state (read by `LimitsMiddleware`, which server/request_path.py puts in its place), the
+    per-key counters and the keys-file watcher to vLLM's app."""
     limits = Limits.from_args(args)
     traffic = Traffic(limits)
     app.state.tutorial_limits = limits
@@ -195,7 +173,6 @@ def install_limits(app, args, model_config=None, keyring: KeyRing | None = None)
     cap_default_output_tokens(model_config, limits.max_output_tokens)
     if keyring is not None:
         keyring.on_change(traffic.revoke)
-    app.user_middleware.insert(0, Middleware(LimitsMiddleware, limits=limits, traffic=traffic))
 
     vllm_lifespan = app.router.lifespan_context
 

@@ -15,30 +15,22 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware import Middleware
 from vllm import __version__ as VLLM_VERSION
-from vllm.entrypoints.launchers.app import build_app
 from vllm.entrypoints.serve.exception_handling.handlers.http import http_exception_handler
-from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
 from streaming_tutorial.server.admission import health_problem, install_limits, limits_health
 from streaming_tutorial.server.keys import KeysFileError, keyring_from_args, keys_file_arg
 from streaming_tutorial.server.page import mount_page
+from streaming_tutorial.server.request_path import install_request_path
 from streaming_tutorial.server.restart_hooks import install_engine_restart, restart_fields, restart_health
-from streaming_tutorial.server.security import (
-    ApiKeyMiddleware,
-    BodySizeLimitMiddleware,
-    api_keys,
-    max_body_bytes_from_env,
-    non_loopback_warning,
-)
-from streaming_tutorial.server.traffic import count_unauthorized
+from streaming_tutorial.server.seam import in_force, vllm_build_app
+from streaming_tutorial.server.security import api_keys, non_loopback_warning
 
 logger = logging.getLogger("vllm.streaming_server")  # under "vllm", so it gets vLLM's log format and handler
 
 def create_app(args: Namespace, supported_tasks=None, model_config=None):
     """vLLM's FastAPI app, as `vllm.entrypoints.launchers.app.build_app` builds it, plus our routes."""
-    app = build_app(args, supported_tasks, model_config)
+    app = vllm_build_app()(args, supported_tasks, model_config)
     # Starlette serves the first route that matches, so ours takes the place of vLLM's empty /health.
     ours = APIRoute("/health", health, methods=["GET"], name="health")
     routes = app.router.routes
@@ -58,21 +50,14 @@ def create_app(args: Namespace, supported_tasks=None, model_config=None):
     # --api-key and --api-keys-file (server/keys.py), as `load_keyring` read them at start; or read here
     # for an app built without `streaming_server.main` (the in-process tests).
     keyring = args.keyring if hasattr(args, "keyring") else keyring_from_args(args)
-    install_limits(app, args, model_config, keyring)  # streaming_tutorial/server/admission.py
+    install_limits(app, args, model_config, keyring)  # the limits' state (streaming_tutorial/server/admission.py)
     install_engine_restart(app, args)  # a dead engine replaced in place (streaming_tutorial/server/engine_restart.py)
     # What a request gets for the sampling parameters it leaves out (the model's generation config, the output
     # cap on top), as vLLM computes it; shown by /health. Read once: vLLM reads the file on each call.
     app.state.sampling_defaults = model_config.get_diff_sampling_param() if model_config is not None else {}
-    # Outermost, so they run first: the key check, the body-size limit, then the limits (inserted just above).
-    # vLLM's SageMaker bootstrap already built the middleware stack, so insert ours and build it again.
-    app.user_middleware.insert(0, Middleware(BodySizeLimitMiddleware, max_bytes=max_body_bytes_from_env()))
-    if keyring is not None:
-        # Ours replaces vLLM's key check, which knows only --api-key and would refuse the keys file's keys, and
-        # reads only the bearer token (Anthropic's docs send `x-api-key`). Even with --api-key alone.
-        app.user_middleware[:] = [m for m in app.user_middleware if m.cls is not AuthenticationMiddleware]
-        app.user_middleware.insert(0, Middleware(ApiKeyMiddleware, keyring=keyring,
-                                                 on_unauthorized=count_unauthorized))
-    app.middleware_stack = app.build_middleware_stack()
+    # Our middlewares, in front of vLLM's: the key check, the body buffer, restarts, the limits. The list, outermost
+    # first, with why each sits where it does, is `our_middlewares` (streaming_tutorial/server/request_path.py).
+    install_request_path(app, keyring)
     return app
 
 
@@ -132,6 +117,7 @@ async def health(request: Request) -> JSONResponse:
         "device": state.vllm_config.device_config.device_type,
         "max_model_len": state.vllm_config.model_config.max_model_len,
         "sampling_defaults": getattr(state, "sampling_defaults", {}),
+        "patches": in_force(),  # the patches of vLLM this server put in place (server/seam.py, docs/seam.md)
         **limits_health(request.app),
         **restart_fields(request.app),
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from vllm.entrypoints.launchers.cli_args import make_arg_parser
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from streaming_tutorial.model import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
@@ -19,6 +18,9 @@ from streaming_tutorial.server.engine_restart import add_restart_args
 from streaming_tutorial.server.keys import merge_repeated_api_key
 from streaming_tutorial.server.page import add_page_args
 from streaming_tutorial.server.request_checks import add_limit_args
+from streaming_tutorial.server.seam import cli_args
+
+make_arg_parser = cli_args("make_arg_parser")  # vLLM's, wherever this vLLM keeps it (moved in 0.34)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -44,6 +46,7 @@ def make_parser():
 def parse_args(argv: list[str] | None = None) -> Namespace:
     parser = make_parser()
     parser.set_defaults(enable_auto_tool_choice=None)  # None: not given, so --no-enable-auto-tool-choice shows
+    parser.set_defaults(long_prefill_token_threshold=None)  # None: not given (0 is vLLM's "no cap")
     args = parser.parse_args(argv)
     if args.model_tag:  # `streaming_server.py MODEL`, as in `vllm serve MODEL`
         args.model = args.model_tag

@@ -23,7 +23,7 @@ def _nothing_to_finalize(*args, **kwargs) -> None:
 def let_inductor_artifacts_load() -> None:
     """Wrap `torch.compiler.load_compiled_function` (which vLLM calls by that name) so that a loaded function
     without `finalize_loading` gets a no-op one. Where the method exists (vLLM's own class, as on a GPU)
-    nothing changes. Calling this twice wraps once."""
+    nothing changes. Calling this twice wraps once. Installed by the seam (server/seam.py), in every process."""
     load = torch.compiler.load_compiled_function
     if getattr(load, "lets_inductor_artifacts_load", False):
         return

@@ -2,7 +2,8 @@
 the tables are in docs/benchmarks.md), and each applied only where the user did not choose.
 
 - flags: the dtype (bf16 where the CPU computes it natively, else fp32), a context bound, an explicit KV cache,
-  and on a CPU of 2 cores or fewer a small prefill budget and the model inside vLLM's EngineCore process;
+  and on a CPU of 2 cores or fewer a small prefill budget, a smaller chunk for a long prompt beside other
+  streams where the CPU computes in fp32, and the model inside vLLM's EngineCore process;
 - environment: all cores for the engine, and Intel's OpenMP for the EngineCore on 2 cores.
 
 The server (server/args.py, `streaming_server.py`) and the benchmark scripts import this module. On a GPU, or a
@@ -36,6 +37,16 @@ CPU_FLAG_DEFAULTS = {
 # prefills it in short steps with their tokens in between, for a later first token of its own (`make budget`,
 # docs/benchmarks.md). At least vLLM's CPU default --max-num-seqs (128), as vLLM requires.
 CPU_PREFILL_BUDGET = 128
+# The most prompt tokens a long prompt may prefill in one step while other requests are running
+# (--long-prefill-token-threshold; vLLM lifts the cap when the prompt is alone), by the dtype the engine computes
+# in: what a chunk costs follows it. 128 tokens were measured on AVX-512 with native bf16 (a neighbour's worst
+# gap 0.41 s), where the budget alone suffices; in fp32 (AVX2-only CPUs) a 128-token chunk cost 1.2 s, 32 tokens
+# 0.45 s (`make budget`, docs/benchmarks.md). A smaller budget would do the same, but would also cap
+# --max-num-seqs (vLLM: budget >= seqs) and a lone long prompt, which the cap leaves alone.
+LONG_PROMPT_CHUNK = {"bfloat16": 128, "float16": 128, "float32": 32}
+# vLLM's names for those dtypes (--dtype); "auto" is what this server picks for the CPU (cpu_dtype()).
+DTYPE_NAMES = {"bfloat16": "bfloat16", "half": "float16", "float16": "float16", "float": "float32",
+               "float32": "float32"}
 
 
 def cpu_flag_defaults() -> dict:
@@ -45,12 +56,22 @@ def cpu_flag_defaults() -> dict:
 
 def apply_cpu_flag_defaults(args: Namespace) -> None:
     """The CPU defaults that depend on other flags, applied to parsed flags the user left unset: the model inside
-    the EngineCore, and the small prefill budget, on a CPU of few cores."""
+    the EngineCore, the small prefill budget and a long prompt's chunk, on a CPU of few cores."""
     if worker_inside_engine_core(args):
         args.distributed_executor_backend = "uni"
-    if running_on_cpu() and few_cores() and args.max_num_batched_tokens is None \
-            and args.enable_chunked_prefill is not False:
+    chunk_given = getattr(args, "long_prefill_token_threshold", None) is not None  # None: not given (args.py)
+    args.long_prefill_token_threshold = args.long_prefill_token_threshold or 0  # vLLM's default: no cap
+    if not (running_on_cpu() and few_cores()) or args.enable_chunked_prefill is False:
+        return
+    if args.max_num_batched_tokens is None:
         args.max_num_batched_tokens = max(CPU_PREFILL_BUDGET, args.max_num_seqs or 0)  # vLLM: budget >= seqs
+    if not chunk_given and long_prompt_chunk(args.dtype) < args.max_num_batched_tokens:
+        args.long_prefill_token_threshold = long_prompt_chunk(args.dtype)
+
+
+def long_prompt_chunk(dtype: str) -> int:
+    """LONG_PROMPT_CHUNK for a --dtype value ("auto" is the dtype this server picks for the CPU)."""
+    return LONG_PROMPT_CHUNK.get(DTYPE_NAMES.get(dtype, cpu_dtype()), LONG_PROMPT_CHUNK["float32"])
 
 
 def few_cores() -> bool:

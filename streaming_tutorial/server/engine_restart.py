@@ -64,6 +64,10 @@ def add_restart_args(parser) -> None:
 
 
 def restart_wanted(args) -> bool:
+    from streaming_tutorial.server import seam
+
+    if not seam.on("engine-restart"):  # not verified on this vLLM: start-up said so, in one line
+        return False
     if getattr(args, "restart_engine", None) is not None:
         return args.restart_engine
     shared = not (getattr(args, "uds", None) or is_loopback(args.host))
@@ -117,10 +121,12 @@ def start_engine(args):
     loop, which must keep answering 503s meanwhile. Run this in a thread; AsyncLLM then starts its background
     tasks lazily, on the server's loop (`adopt_engine`)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import propagate_flash_late_interaction
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from streaming_tutorial.server.seam import cli_args
+
+    propagate_flash_late_interaction = cli_args("propagate_flash_late_interaction")  # moved in vLLM 0.34
     engine_args = AsyncEngineArgs.from_cli_args(args)
     propagate_flash_late_interaction(args, engine_args)
     usage = UsageContext.OPENAI_API_SERVER

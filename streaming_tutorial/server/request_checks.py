@@ -2,8 +2,8 @@
 
 vLLM 0.32 has no per-client limits: one chat request with `"n": 16000`, or a completion with 1,000 prompts, fills
 the engine for minutes while everyone else waits. These checks run on the JSON body of every route that runs
-inference, before anything reaches the engine (server/admission.py calls them); over a limit the answer is a
-400 in vLLM's error shape naming the parameter and the limit:
+inference (the route table says which: server/routes.py), before anything reaches the engine (server/admission.py
+calls them); over a limit the answer is a 400 in vLLM's error shape naming the parameter and the limit:
 sequences per request (`n`, `best_of`, and n × prompts), output tokens (`max_tokens`, `max_completion_tokens`,
 `max_output_tokens`; also the default when a request gives none, through vLLM's own generation-config
 mechanism: `cap_default_output_tokens`), prompts per request (a list `prompt`, a batch of conversations,
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from streaming_tutorial.server.keys import KEYS_FILE_ENV
-from streaming_tutorial.server.security import is_open_route
 
 # ---- the flags ----
 
@@ -98,41 +97,6 @@ class Limits:
                 "max_prompts_per_request": self.max_prompts_per_request,
                 "max_requests_per_key": self.max_requests_per_key, "max_waiting": self.max_waiting,
                 "max_logprobs": self.max_logprobs}
-
-
-# ---- which routes run inference ----
-
-# Every POST route of vLLM 0.32 (generate task) that hands work to the engine, with where its size lives. The
-# checks below are by field name (the same names mean the same on every route), so a route is covered by being
-# listed here or by being unknown: a POST route in neither set is treated as inference (fails closed).
-INFERENCE_ROUTES = {
-    "/v1/chat/completions": "n, max_tokens/max_completion_tokens, logprobs/top_logprobs/prompt_logprobs",
-    "/v1/chat/completions/batch": "messages is a list of conversations (a batch); n must be 1",
-    "/v1/completions": "prompt may be a list of prompts (a batch); n, max_tokens, logprobs, prompt_logprobs",
-    "/v1/responses": "max_output_tokens, top_logprobs",
-    "/v1/messages": "max_tokens (required)",
-    "/invocations": "SageMaker: dispatched by the body's shape to chat, completions, ...: the same fields",
-    "/inference/v1/generate": "token ids; sampling_params.{n, max_tokens, logprobs, prompt_logprobs}",
-    "/generative_scoring": "items (one prompt each, a batch); label_token_ids (logprobs)",
-    "/v1/systemone": "structured decisions: one short read per question (a batch)",
-}
-# POST routes that never reach the engine's queue: tokenizing, rendering, probes, admin, cancellation.
-NOT_INFERENCE_ROUTES = {
-    "/tokenize", "/detokenize", "/v1/messages/count_tokens", "/ping",
-    "/v1/chat/completions/render", "/v1/messages/render", "/v1/completions/render", "/v1/responses/render",
-    "/v1/chat/completions/derender", "/v1/completions/derender",
-    "/inference/v1/abort_requests", "/scale_elastic_ep", "/is_scaling_elastic_ep",
-    # The classroom page's race (streaming_tutorial/server/page.py) sends each lane through the whole app as its own
-    # /v1/chat/completions request, which these checks and the per-key limit then see one by one.
-    "/page/race",
-}
-RESPONSE_CANCEL = re.compile(r"^/v1/responses/[^/]+/cancel$")
-
-
-def runs_inference(path: str, method: str) -> bool:
-    if method != "POST" or path in NOT_INFERENCE_ROUTES or RESPONSE_CANCEL.match(path):
-        return False
-    return not is_open_route(path, method)
 
 
 # ---- the per-request checks ----

@@ -14,27 +14,23 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streaming_tutorial.server.engine_restart import RESTART_WINDOW_S, STOPPING, EngineRestart, restart_wanted
+from streaming_tutorial.server.routes import needs_engine, route_path
 from streaming_tutorial.server.security import error_body, send_error
-
-# Requests that never touch the engine: the page, its health and metrics; all others get 503 while restarting.
-# The race (POST /page/race) passes: each of its lanes comes back through the app and is answered on its own.
-PASS_WHILE_RESTARTING = {"/health", "/metrics", "/version", "/", "/page/race"}
 
 _current: EngineRestart | None = None  # this process's server (one per process; in-process tests build several)
 
 
 class RestartMiddleware:
-    """Pure ASGI, in front of the limits: while the engine restarts, every request that needs it gets a 503
-    with Retry-After at once, instead of vLLM's EngineDeadError."""
+    """Pure ASGI, in front of the limits (server/request_path.py): while the engine restarts, every request that
+    needs it (server/routes.py: all but the probes, metrics, docs and the page) gets a 503 with Retry-After at
+    once, instead of vLLM's EngineDeadError."""
 
     def __init__(self, app: ASGIApp, restart: EngineRestart) -> None:
         self.app, self.restart = app, restart
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.restart.enabled:
-            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-            passes = path in PASS_WHILE_RESTARTING or path.startswith("/page/")
-            if not passes and self.restart.unavailable():
+            if needs_engine(route_path(scope)) and self.restart.unavailable():
                 return await send_error(send, 503, error_body(self.restart.message(), "ServiceUnavailableError",
                                                               503), restart_headers(self.restart))
         await self.app(scope, receive, send)
@@ -45,12 +41,10 @@ def restart_headers(restart: EngineRestart) -> list[tuple[bytes, bytes]]:
 
 
 def install_engine_restart(app, args) -> EngineRestart:
-    """Add the restart state and its middleware to vLLM's app (call before the key check is added)."""
-    from starlette.middleware import Middleware
-
+    """Add the restart state to vLLM's app (read by `RestartMiddleware`, which server/request_path.py puts in its
+    place)."""
     global _current
     restart = _current = app.state.tutorial_restart = EngineRestart(app, args, restart_wanted(args))
-    app.user_middleware.insert(0, Middleware(RestartMiddleware, restart=restart))
     return restart
 
 
@@ -69,12 +63,13 @@ def restart_fields(app) -> dict:
     return {"engine_restart": restart.health()} if restart is not None else {}
 
 
-def install_restart_hooks(launcher, vllm_error_module) -> None:
+def install_restart_hooks(launcher, vllm_error_module, *, restart: bool = True, friendly_errors: bool = True) -> None:
     """Wrap vLLM's engine-death calls (after shutdown.EngineDeathWatch, whose wrapper this one calls when the
-    server must stop) and its error responses, wherever vLLM looks them up."""
+    server must stop) and its error responses, wherever vLLM looks them up. Called by the seam (server/seam.py),
+    which says whether each holds on this vLLM."""
     from vllm.entrypoints.serve.engine import serving
 
-    for module in (launcher, vllm_error_module):
+    for module in (launcher, vllm_error_module) if restart else ():
         original = module.terminate_if_errored
 
         def guarded(server, engine, _original=original):
@@ -83,7 +78,7 @@ def install_restart_hooks(launcher, vllm_error_module) -> None:
                 _original(server, engine)
 
         module.terminate_if_errored = guarded
-    for module in (serving, vllm_error_module):  # streams' error events; error answers of the exception handler
+    for module in (serving, vllm_error_module) if friendly_errors else ():  # streams' errors; exception handler
         module.create_error_response = friendly_error(module.create_error_response)
 
 

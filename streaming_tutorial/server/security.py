@@ -1,12 +1,14 @@
 """What `streaming_server.py` adds to vLLM 0.32 to make a shared classroom server safe to expose.
 
 - `ApiKeyMiddleware`: with `--api-key` (or `VLLM_API_KEY`) or `--api-keys-file`, *every* route needs a key
-  except an explicit allowlist of harmless read-only routes. vLLM's own middleware guards only paths starting
-  with `/v1`, `/v2`, `/inference`, `/cohere`, which leaves `/invocations` and `/generative_scoring` (both run
-  inference), `/scale_elastic_ep` (an admin action), `/tokenize`, `/detokenize` and `/kv_event_sources` open. An
-  allowlist fails closed: a route a future vLLM adds is guarded until someone decides it is harmless.
-- `BodySizeLimitMiddleware`: a request body larger than `max_bytes` gets a 413 before anything parses it
-  (vLLM reads any body whole into memory first; thirty laptops can send a lot of bytes).
+  except the harmless read-only routes the route table opens (server/routes.py). vLLM's own middleware guards
+  only paths starting with `/v1`, `/v2`, `/inference`, `/cohere`, which leaves `/invocations` and
+  `/generative_scoring` (both run inference), `/scale_elastic_ep` (an admin action), `/tokenize`, `/detokenize`
+  and `/kv_event_sources` open. An allowlist fails closed: a route a future vLLM adds is guarded until someone
+  decides it is harmless.
+- `BodySizeLimitMiddleware`: the one place a request's body is read (`read_body`): a body larger than
+  `max_bytes` gets a 413 before anything parses it (vLLM reads any body whole into memory first; thirty laptops
+  can send a lot of bytes); an accepted one is kept in the scope for the limits and replayed to vLLM.
 - `non_loopback_warning`: the line `main()` logs when asked to listen beyond this machine without a key.
 
 Errors use vLLM's error shape `{"error": {"message", "type", "param", "code"}}`.
@@ -23,33 +25,16 @@ from collections.abc import Callable, Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streaming_tutorial.server.keys import POLL_SECONDS, Key, KeyRing, flag_keys
-
-# Routes anyone may call without the key, with the methods allowed. Each is read-only and runs no inference:
-# liveness and load probes (`/health`, `/ping`, `/load`; SageMaker sends `POST /ping`), the vLLM version,
-# Prometheus metrics (scrapers rarely carry bearer tokens; counts and latencies only, no prompts), and the
-# OpenAPI docs (which describe vLLM's public API, nothing about this server's data).
-OPEN_ROUTES: dict[str, frozenset[str]] = {
-    "/health": frozenset({"GET", "HEAD"}),
-    "/ping": frozenset({"GET", "HEAD", "POST"}),
-    "/load": frozenset({"GET", "HEAD"}),
-    "/version": frozenset({"GET", "HEAD"}),
-    "/metrics": frozenset({"GET", "HEAD"}),
-    "/metrics/": frozenset({"GET", "HEAD"}),
-    "/openapi.json": frozenset({"GET", "HEAD"}),
-    "/docs": frozenset({"GET", "HEAD"}),
-    "/docs/oauth2-redirect": frozenset({"GET", "HEAD"}),
-    "/redoc": frozenset({"GET", "HEAD"}),
-    # The classroom page (streaming_tutorial/server/page.py): static files that hold no secret; the user pastes the
-    # key into the page, which sends it with each API call.
-    "/": frozenset({"GET", "HEAD"}),
-}
-# Path prefixes open to GET/HEAD: the page's static assets.
-OPEN_PREFIXES = ("/page/",)
+from streaming_tutorial.server.routes import is_open_route, route_path
 
 # 16 MiB: far above the longest prompt a text model's context holds (vLLM itself rejects a prompt over
 # ~81 characters per token of max_model_len), small enough that a classroom cannot fill the server's RAM.
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 MAX_BODY_ENV = "TUTORIAL_MAX_BODY_BYTES"
+# What the middlewares leave in the scope for those inside them (the limits, server/admission.py): the request's
+# key (a `Key`, whose name labels its counters) and its body, read once.
+KEY = "tutorial.key"
+BODY = "tutorial.body"
 UNAUTHORIZED = ("Unauthorized: this server needs an API key, sent as the header `Authorization: Bearer <key>` "
                 "(OpenAI's clients) or `x-api-key: <key>` (Anthropic's). Ask the person who runs it for one.")
 
@@ -65,19 +50,14 @@ async def send_error(send: Send, status: int, body: bytes, extra_headers: Iterab
     await send({"type": "http.response.body", "body": body})
 
 
-def is_open_route(path: str, method: str) -> bool:
-    if method in ("GET", "HEAD") and path.startswith(OPEN_PREFIXES):
-        return True
-    return method in OPEN_ROUTES.get(path, ())
-
-
 class ApiKeyMiddleware:
-    """Pure ASGI: a request to any route outside `OPEN_ROUTES` needs a key, else 401: `Authorization: Bearer <key>`
-    (OpenAI's clients, vLLM's own check) or `x-api-key: <key>` (Anthropic's SDK and docs, for `/v1/messages`).
+    """Pure ASGI: a request to any route the route table (server/routes.py) does not open needs a key, else
+    401: `Authorization: Bearer <key>` (OpenAI's clients, vLLM's own check) or `x-api-key: <key>` (Anthropic's SDK
+    and docs, for `/v1/messages`).
 
     The keys live in a `KeyRing` (streaming_tutorial/server/keys.py): `--api-key` values and a keys file that is
     re-read when it changes (looked at, at most once a second, on a request; the server also polls it). The
-    matching key (its name, never the key) is put in the scope as `scope["tutorial.key"]` for the limits.
+    matching key is put in the scope as `scope[KEY]` for the limits (which label counters with its name).
     Paths are compared after removing `--root-path`, as vLLM's own middleware does. CORS preflights
     (OPTIONS) pass, as in vLLM, since browsers never send credentials with them.
     """
@@ -110,11 +90,10 @@ class ApiKeyMiddleware:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         method = scope.get("method", "GET") if scope["type"] == "http" else "WEBSOCKET"
-        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-        if method == "OPTIONS" or is_open_route(path, method):
+        if method == "OPTIONS" or is_open_route(route_path(scope), method):
             return await self.app(scope, receive, send)
         if (key := self.key_of(scope)) is not None:
-            scope["tutorial.key"] = key
+            scope[KEY] = key
             return await self.app(scope, receive, send)
         if self.on_unauthorized is not None:
             self.on_unauthorized(scope)
@@ -138,11 +117,13 @@ def presented_keys(scope: Scope) -> list[str]:
 
 
 class BodySizeLimitMiddleware:
-    """Pure ASGI: answers 413 to an HTTP request whose body exceeds `max_bytes`, before the app reads it.
+    """Pure ASGI: reads an HTTP request's body, once for the whole app (`read_body`), and answers 413 when it
+    exceeds `max_bytes`, before the app parses it.
 
     A declared `Content-Length` over the limit is refused without reading; a chunked body is read up to
-    the limit and then refused. An accepted body is replayed to the app, and after it the app receives
-    from the client directly again, so vLLM still sees a disconnect (and aborts the request).
+    the limit and then refused. An accepted body is kept in the scope (`scope[BODY]`, for the limits) and
+    replayed to the app, and after it the app receives from the client directly again, so vLLM still sees a
+    disconnect (and aborts the request).
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
@@ -162,27 +143,41 @@ class BodySizeLimitMiddleware:
                 return await send_error(send, 413, self.too_large(), [(b"connection", b"close")])
         except ValueError:
             return await send_error(send, 400, error_body("Invalid Content-Length header.", "Bad Request", 400))
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break  # a disconnect: hand it on
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                return await send_error(send, 413, self.too_large(), [(b"connection", b"close")])
-            if not message.get("more_body", False):
-                break
-        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
-        scope["tutorial.body"] = body  # for the limits middleware (server/admission.py): read once
-        replay: list[Message] = ([{"type": "http.request", "body": body, "more_body": False}]
-                                 if messages[-1]["type"] == "http.request" else messages[-1:])
+        body, receive = await read_body(scope, receive, self.max_bytes)
+        if body is None:
+            return await send_error(send, 413, self.too_large(), [(b"connection", b"close")])
+        await self.app(scope, receive, send)
 
-        async def replaying_receive() -> Message:
-            return replay.pop(0) if replay else await receive()
 
-        await self.app(scope, replaying_receive, send)
+async def read_body(scope: Scope, receive: Receive, max_bytes: int | None = None) -> tuple[bytes | None, Receive]:
+    """The request's body and a `receive` that replays it, then receives from the client again (a disconnect).
+
+    The body is read from the client once per request: the first caller (BodySizeLimitMiddleware, in the
+    server) reads it and keeps it in `scope[BODY]`; a caller inside it gets it from there, with the `receive`
+    it was given (which already replays it). None when the body is over `max_bytes` (then nothing is kept).
+    A client that hangs up before the end leaves the part it sent, and its disconnect is replayed."""
+    if (kept := scope.get(BODY)) is not None:
+        return kept, receive
+    messages: list[Message] = []
+    size = 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break  # a disconnect: hand it on
+        size += len(message.get("body", b""))
+        if max_bytes is not None and size > max_bytes:
+            return None, receive
+        if not message.get("more_body", False):
+            break
+    body = scope[BODY] = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+    replay: list[Message] = ([{"type": "http.request", "body": body, "more_body": False}]
+                             if messages[-1]["type"] == "http.request" else messages[-1:])
+
+    async def replaying_receive() -> Message:
+        return replay.pop(0) if replay else await receive()
+
+    return body, replaying_receive
 
 
 def max_body_bytes_from_env() -> int:

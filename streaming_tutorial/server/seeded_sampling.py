@@ -11,7 +11,8 @@ The fix, applied in the engine process on a CPU only: each request's generator i
 offset reads 0 and ignores being set, so the rewind does nothing. The thrown-away sample has then used up some
 random numbers: a seeded answer depends on how its prompt was cut into steps (the budget, the other requests in
 the batch, what the prefix cache already held), as it does with vLLM on a GPU only within a batch. On a GPU
-nothing changes.
+nothing changes. vLLM 0.34's model runners seed each position instead and rewind nothing: there the seam
+(server/seam.py) leaves this fix off, as not needed.
 """
 
 from __future__ import annotations

@@ -157,7 +157,9 @@ def count_engine_tokens(engine_client, traffic: Traffic) -> None:
     inherit the request's context). Exact for streams without a usage chunk and for requests ended early."""
     from vllm.sampling_params import RequestOutputKind
 
-    if getattr(engine_client, "_tutorial_counted", False):
+    from streaming_tutorial.server import seam
+
+    if getattr(engine_client, "_tutorial_counted", False) or not seam.on("token-counting"):
         return
     original = engine_client.generate
 
