@@ -64,16 +64,46 @@ def test_server_comes_from_the_environment_and_is_stopped(notebook):
                                                     "started it"), f"{path.name} must end by closing its server"
 
 
-MAX_CELL_LINES = 29
+MAX_CELL_LINES = 22
+# Cells written before the caps came down, allowed until their lessons are cut (issue 27); an allowance may only
+# shrink: {notebook: its longest cell in lines}.
+LONGER_CELLS = {"01-start-the-server.ipynb": 28}
 
 
 def test_every_cell_is_short(notebook):
     """One idea per cell: what a lesson does not teach (plotting boilerplate, table formatting, retry loops)
     belongs in streaming_tutorial/client/, not in a long cell."""
     path, nb = notebook
+    cap = LONGER_CELLS.get(path.name, MAX_CELL_LINES)
     lines = {i: len(cell.source.splitlines()) for i, cell in enumerate(nb.cells)}
-    long = {i: n for i, n in lines.items() if n > MAX_CELL_LINES}
-    assert not long, f"{path.name}: cells longer than {MAX_CELL_LINES} lines (cell: lines): {long}"
+    long = {i: n for i, n in lines.items() if n > cap}
+    assert not long, f"{path.name}: cells longer than {cap} lines (cell: lines): {long}"
+
+
+# Lessons keep their *why*, briefly: the long asides live in docs/ with a link (docs/notes-0N-*.md).
+MAX_WORDS_PER_NOTEBOOK = 1_700  # words in markdown cells, split on whitespace
+MAX_WORDS_PER_CELL = 150
+MAX_WORDS_IN_ALL = 8_580  # a quarter below the 11,446 words of the notebooks before issue 27
+LONGER_MARKDOWN = {"01-start-the-server.ipynb": 307, "02-stream-with-curl.ipynb": 156,
+                   "03-stream-with-openai-client.ipynb": 162}  # as LONGER_CELLS: words of the longest cell
+
+
+def markdown_words(nb) -> list[int]:
+    return [len(cell.source.split()) for cell in nb.cells if cell.cell_type == "markdown"]
+
+
+def test_the_prose_is_short(notebook):
+    path, nb = notebook
+    words = markdown_words(nb)
+    assert sum(words) <= MAX_WORDS_PER_NOTEBOOK, f"{path.name}: {sum(words)} words of markdown"
+    cap = LONGER_MARKDOWN.get(path.name, MAX_WORDS_PER_CELL)
+    long = {i: n for i, n in enumerate(words) if n > cap}
+    assert not long, f"{path.name}: markdown cells over {cap} words (markdown cell: words): {long}"
+
+
+def test_the_course_reads_in_fewer_words():
+    total = sum(sum(markdown_words(nbformat.read(path, as_version=4))) for path in NOTEBOOKS)
+    assert total <= MAX_WORDS_IN_ALL, f"{total} words of markdown in the notebooks"
 
 
 def test_sections_are_numbered_in_order(notebook):

@@ -48,6 +48,8 @@ def effective_config() -> tuple[list[str], dict[str, str]]:
         ours = parse_args([])
         if ours.max_num_batched_tokens is not None:  # our prefill budget on a small CPU
             flags += ["--max-num-batched-tokens", str(ours.max_num_batched_tokens)]
+        if ours.long_prefill_token_threshold:  # a long prompt's chunk beside other streams (an fp32 CPU)
+            flags += ["--long-prefill-token-threshold", str(ours.long_prefill_token_threshold)]
         if ours.distributed_executor_backend == "uni":  # the model inside the EngineCore process
             flags += ["--distributed-executor-backend", "uni"]
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # without it vLLM's CPU platform replaces uni with mp

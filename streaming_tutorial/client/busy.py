@@ -4,11 +4,12 @@ A learner's laptop is never idle (a browser, Jupyter, an editor), and an instruc
 page on the projector. `make busy` (scripts/busy_laptop.py) and notebook 05 measure a server beside these loads:
 
     with busy_loop():                                # one core kept busy by a process of its own
-        rate = await tokens_per_s(url, streams=1, window=10)
+        rate = await tokens_per_s(url, streams=1, window=10, model=model)
 
 - `busy_loop(niceness)`: `python -c "while True: pass"` in a process of its own (niced if asked), stopped on exit.
 - `page_race(url)`: the classroom page racing 16 lanes in headless Chromium, a new race whenever one ends.
-- `tokens_per_s(url, streams, window)`: output tokens/s of closed-loop streams over a fixed window of wall time.
+- `tokens_per_s(url, streams, window)`: output tokens/s of closed-loop streams over a fixed window of wall time
+  (notebook 05 shows it in a cell, `#@save`; tests/test_shown_code.py keeps the two the same).
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import psutil
+from openai import AsyncOpenAI
 
-from streaming_tutorial.client.latency import async_client, random_token_bodies
-from streaming_tutorial.client.sse import DONE, sse_events
+from streaming_tutorial.client.streams import completion_requests
 from streaming_tutorial.processes.stopping import stop_processes
 
 BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
@@ -97,45 +97,24 @@ def page_race(url: str, lanes: int = 16, prompt: str = "Tell me a story.") -> It
         thread.join(60)
 
 
-async def tokens_per_s(url: str, streams: int, window: float, model: str | None = None, output_len: int = 32,
-                       api_key: str | None = None, seed: int = 0) -> float:
-    """Output tokens/s of `streams` closed-loop streams (each sends a new greedy request of `output_len` tokens
-    as soon as its last one ends) over `window` seconds of wall time. A stream still running when the window
-    closes counts the tokens it has so far (the server reports usage on every chunk), so a collapsed engine
-    costs one window, not the time its requests would take."""
-    rng = random.Random(seed)
-    counted = 0
-    deadline = time.monotonic() + window
+async def tokens_per_s(url: str, streams: int, window: float, model: str, output_len: int = 32,
+                       api_key: str | None = None) -> float:
+    """Output tokens/s of `streams` closed-loop streams over `window` seconds. With usage on every chunk, a stream
+    cut by the window still counts its tokens: a collapsed engine costs one window, not an hour."""
+    rng, counted = random.Random(0), 0
 
-    async def stream(client: httpx.AsyncClient) -> None:
+    async def stream(client: AsyncOpenAI) -> None:
         nonlocal counted
-        while time.monotonic() < deadline:
-            body = {**random_token_bodies(model or await served_model(client), 1, 32, output_len, rng)[0],
-                    "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        while True:  # the next request as soon as one ends, until the window closes
             seen = 0
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    for event in sse_events((line,)):
-                        if event != DONE and (usage := event.get("usage")):
-                            counted += usage["completion_tokens"] - seen
-                            seen = usage["completion_tokens"]
+            request = completion_requests(model, 1, 32, output_len, rng)[0]
+            async for chunk in await client.completions.create(**request, stream=True, stream_options={
+                    "include_usage": True, "continuous_usage_stats": True}):
+                counted += chunk.usage.completion_tokens - seen
+                seen = chunk.usage.completion_tokens
 
-    async with async_client(url, api_key, concurrency=streams, timeout=window + 60) as client:
-        model = model or await served_model(client)
+    async with AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key or "EMPTY", max_retries=0) as client:
         began = time.monotonic()
-        tasks = [asyncio.create_task(stream(client)) for _ in range(streams)]
-        done, _ = await asyncio.wait(tasks, timeout=window)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:  # a stream that failed before the window closed: say why rather than count zero
-            if task.exception():
-                raise task.exception()
+        with contextlib.suppress(asyncio.TimeoutError):  # the window closed: wait_for cancelled the streams
+            await asyncio.wait_for(asyncio.gather(*(stream(client) for _ in range(streams))), window)
         return counted / (time.monotonic() - began)
-
-
-async def served_model(client: httpx.AsyncClient) -> str:
-    response = await client.get("/v1/models")
-    response.raise_for_status()
-    return response.json()["data"][0]["id"]

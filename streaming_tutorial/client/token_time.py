@@ -1,6 +1,8 @@
-"""The measurements behind notebook 08 ("why each token takes as long as it does"), kept out of the lesson:
-who else is using the server, and the measurement loops (one stream, a throughput curve, TTFT against prompt
-length, the prefix cache, one step's anatomy). What bounds the rate is in client/bound.py.
+"""The measurements behind notebook 08 ("why each token takes as long as it does"): who else is using the
+server, and the measurement loops (one stream, a throughput level, TTFT against prompt length, the prefix cache,
+one step's anatomy). What bounds the rate is in client/bound.py. Notebook 08 shows `timed_stream`,
+`throughput_level` and `prefix_cache_trial` in its cells (`#@save`), character for character
+(tests/test_shown_code.py keeps them the same).
 
     with OtherRequests(url, own=1) as others:              # vllm:num_requests_running + waiting, minus ours
         ...measure...
@@ -13,20 +15,16 @@ import math
 import random
 import statistics
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import httpx
+from openai import AsyncOpenAI, OpenAI
 
-from streaming_tutorial.client.latency import (
-    RequestResult,
-    async_client,
-    measure_stream,
-    random_token_bodies,
-    run_concurrent,
-    summarize_run,
-)
+from streaming_tutorial.client.latency import RequestResult, measure_stream, random_token_bodies, summarize_run
 from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.client.streams import closed_loop, completion_requests
 
 # A request's body leaves these out to get the server's defaults (the model's generation config).
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -108,25 +106,30 @@ def server_itl_window(before: str, after: str) -> float | None:
     return total / count if count > 0 else None
 
 
-def timed_stream(http: httpx.Client, body: dict) -> Timed:
-    """One streamed /v1/completions request, between two readings of /metrics."""
+def timed_stream(client: OpenAI, http: httpx.Client, request: dict) -> Timed:
+    """One streamed completion, each chunk timed, between two readings of the server's /metrics."""
     before = http.get("/metrics").text
-    result = measure_stream(http, "/v1/completions", body)
+    result = RequestResult(start=time.perf_counter())
+    for chunk in client.completions.create(**request, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:  # a token; the last chunk, with the usage, has no choices
+            result.chunk_times.append(time.perf_counter() - result.start)
+        if chunk.usage:
+            result.output_tokens = chunk.usage.completion_tokens
     return Timed(result, server_itl_window(before, http.get("/metrics").text))
 
 
-def one_stream(http: httpx.Client, model: str, requests: int, output_len: int, rng: random.Random,
+def one_stream(client: OpenAI, http: httpx.Client, model: str, requests: int, output_len: int, rng: random.Random,
                input_len: int = 16, modes: Sequence[str] = ("greedy",)) -> dict[str, list[Timed]]:
     """`requests` one-at-a-time requests per sampling mode ("greedy", or "server defaults"), the modes
     alternated (each round in a new order) so that a slower minute of the machine hits both alike. One
     untimed warm-up request first. Each: new random prompt, exactly `output_len` tokens (`ignore_eos`)."""
-    bodies = random_token_bodies(model, 1 + requests * len(modes), input_len, output_len, rng)
-    timed_stream(http, bodies.pop())
+    bodies = completion_requests(model, 1 + requests * len(modes), input_len, output_len, rng)
+    timed_stream(client, http, bodies.pop())
     found: dict[str, list[Timed]] = {mode: [] for mode in modes}
     for round_ in range(requests):
         for mode in (modes if round_ % 2 == 0 else list(reversed(modes))):
             body = bodies.pop()
-            timed = timed_stream(http, body if mode == "greedy" else server_defaults(body))
+            timed = timed_stream(client, http, body if mode == "greedy" else server_defaults(body))
             if not timed.result.ok:
                 raise RuntimeError(f"{mode} request failed: {timed.result.error}")
             found[mode].append(timed)
@@ -150,24 +153,15 @@ class Level:
         return self.streams + self.others
 
 
-async def throughput_curve(url: str, api_key: str | None, model: str, levels: Sequence[int], output_len: int,
-                           rng: random.Random, input_len: int = 16, rounds: int = 2,
-                           headers: dict | None = None) -> list[Level]:
-    """At each level C, `rounds × C` requests with C in flight (a closed loop, as notebook 05), greedy; the
-    aggregate output tokens/s and how many other requests shared the server meanwhile."""
-    found = []
-    async with async_client(url, api_key, concurrency=max(levels)) as client:
-        await run_concurrent(client, "/v1/completions", random_token_bodies(model, 2, input_len, 8, rng), 2)
-        for c in levels:
-            bodies = random_token_bodies(model, rounds * c, input_len, output_len, rng)
-            before = (await client.get("/metrics")).text
-            with OtherRequests(url, headers, own=c) as others:
-                summary = summarize_run(await run_concurrent(client, "/v1/completions", bodies, c))
-            after = (await client.get("/metrics")).text
-            generated = metric(after, "vllm:generation_tokens_total") - metric(before, "vllm:generation_tokens_total")
-            found.append(Level(c, summary.output_throughput, summary.tpot.median, others.median,
-                               generated / summary.duration, summary.failed))
-    return found
+async def throughput_level(client: AsyncOpenAI, http: httpx.Client, requests: list[dict], streams: int) -> Level:
+    """The requests, `streams` at a time (notebook 05's closed loop): our streams' tokens/s together, the other
+    clients' requests meanwhile, and the whole server's tokens/s (vLLM's count of generated tokens)."""
+    generated = metric(http.get("/metrics").text, "vllm:generation_tokens_total")
+    with OtherRequests(str(http.base_url), http.headers, own=streams) as others:
+        summary = summarize_run(await closed_loop(client, requests, streams))
+    generated = metric(http.get("/metrics").text, "vllm:generation_tokens_total") - generated
+    return Level(streams, summary.output_throughput, summary.tpot.median, others.median,
+                 generated / summary.duration, summary.failed)
 
 
 def ttft_by_prompt_length(http: httpx.Client, model: str, lengths: Sequence[int], rng: random.Random,
@@ -204,21 +198,25 @@ class PrefixTrial:
     cached_tokens: float  # vllm:prompt_tokens_cached_total's growth over the second request
 
 
-def prefix_cache_trial(http: httpx.Client, model: str, rng: random.Random, rules: int = 100) -> PrefixTrial:
-    """TTFT of a chat with a new long system prompt, then of another question with the same system prompt."""
-    system = system_prompt(rng, rules)
-    ttft, cached = [], 0.0
+def prefix_cache_trial(client: OpenAI, http: httpx.Client, model: str, system: str) -> PrefixTrial:
+    """Two questions after the same long system prompt: each one's TTFT, and the prompt tokens the second
+    took from the prefix cache (vLLM's counter on /metrics)."""
+    ttft = []
     for question in ("What are your opening hours?", "Do you deliver on Sundays?"):
-        body = {"model": model, "max_tokens": 2, "temperature": 0,
-                "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}
-        before = http.get("/metrics").text
-        result = measure_stream(http, "/v1/chat/completions", body)
-        if not result.ok:
-            raise RuntimeError(f"prefix-cache request failed: {result.error}")
-        after = http.get("/metrics").text
-        cached = metric(after, "vllm:prompt_tokens_cached_total") - metric(before, "vllm:prompt_tokens_cached_total")
-        ttft.append(result.ttft)
-    return PrefixTrial(result.prompt_tokens or 0, ttft[0], ttft[1], cached)
+        cached = metric(http.get("/metrics").text, "vllm:prompt_tokens_cached_total")
+        start = time.perf_counter()
+        stream = client.chat.completions.create(
+            model=model, max_tokens=2, temperature=0, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
+        first = None
+        for chunk in stream:
+            if chunk.choices and first is None:
+                first = time.perf_counter() - start  # vLLM's TTFT: the first chunk with choices
+            if chunk.usage:
+                prompt_tokens = chunk.usage.prompt_tokens
+        ttft.append(first)
+        cached = metric(http.get("/metrics").text, "vllm:prompt_tokens_cached_total") - cached
+    return PrefixTrial(prompt_tokens, ttft[0], ttft[1], cached)
 
 
 @dataclass
