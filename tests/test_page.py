@@ -381,7 +381,9 @@ def test_the_key_form_offers_to_forget_a_key_only_when_one_is_set(keyed_server, 
 
     page.fill("#key-input", "not-the-key")
     page.click("#key button:has-text('Use this key')")
-    page.wait_for_function("document.querySelector('#key-message').textContent.includes('did not accept')")
+    # Locators, not wait_for_function("..."): Playwright polls a string predicate with eval, which the page's
+    # Content-Security-Policy (no 'unsafe-eval') refuses whenever the first check comes back false.
+    page.locator("#key-message", has_text="did not accept").wait_for()
     assert page.is_visible("#key-forget")  # a wrong key is still a key to forget
     page.click("#key-forget")
     assert page.evaluate("Object.values(sessionStorage)") == []
@@ -393,7 +395,7 @@ def test_the_key_form_offers_to_forget_a_key_only_when_one_is_set(keyed_server, 
 @pytest.mark.server
 def test_a_server_without_keys_shows_no_key_controls(server, page):
     open_page(page, server.url)
-    page.wait_for_function("document.querySelector('#model').options.length > 0")  # v1/models answered
+    page.wait_for_selector("#model option", state="attached")  # v1/models answered
     assert page.is_hidden("#key-toggle") and page.is_hidden("#key") and page.is_hidden("#key-forget")
 
 
