@@ -1,5 +1,5 @@
-"""streaming_tutorial.client.notebook and processes.stopping: reading /metrics, choosing a server, and tying a server's
-process group to the kernel's life."""
+"""streaming_tutorial.client.notebook and processes.stopping/local_server: reading /metrics, choosing a server,
+waiting for one to answer, and tying a server's process group to the kernel's life."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from streaming_tutorial.client import notebook
 from streaming_tutorial.client.metrics import metric
 from streaming_tutorial.client.notebook import connect
-from streaming_tutorial.processes.local_server import free_port
+from streaming_tutorial.processes.local_server import ServerStartError, free_port, poll_until_ok
 from streaming_tutorial.processes.stopping import group_alive, stop_process_group
 
 METRICS = """\
@@ -32,6 +33,48 @@ def test_metric_sums_matching_samples():
     assert metric(METRICS, "vllm:request_success_total") == 9.0
     assert metric(METRICS, "vllm:request_success_total", finished_reason="error") == 0.0
     assert metric(METRICS, "vllm:no_such_metric") == 0.0
+
+
+def http_server(status: int) -> subprocess.Popen:
+    """A real HTTP server on a free loopback port that answers every GET with `status`; `.url` is its address."""
+    port = free_port()
+    code = ("import http.server, sys\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            f"    def do_GET(self): self.send_response({status}); self.end_headers(); self.wfile.write(b'{{}}')\n"
+            "    def log_message(self, *a): pass\n"
+            f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()")
+    process = subprocess.Popen([sys.executable, "-c", code])
+    process.url = f"http://127.0.0.1:{port}/ready"
+    return process
+
+
+def test_the_poll_returns_the_first_200_once_the_server_listens():
+    server = http_server(200)  # it starts while the poll already runs: the first tries find nothing listening
+    try:
+        assert poll_until_ok(server.url, 30, process=server, interval=0.1).json() == {}
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_the_poll_names_the_last_answer_when_time_runs_out():
+    server = http_server(503)
+    try:
+        with pytest.raises(ServerStartError, match=r"the router at .* did not answer 200 in 2 s \(HTTP 503\)"):
+            poll_until_ok(server.url, 2, what="the router", process=server, interval=0.1)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_the_poll_fails_fast_with_the_log_when_the_process_exits(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("ValueError: no such model\n")
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    # The message is the exit's, not the deadline's: the poll stopped at its first check of the process.
+    with pytest.raises(ServerStartError, match=r"(?s)JupyterLab exited with code 3 .*no such model"):
+        poll_until_ok(f"http://127.0.0.1:{free_port()}/", 60, what="JupyterLab", process=dead, log_path=log)
 
 
 def _wait_gone(pgid: int, timeout: float) -> bool:

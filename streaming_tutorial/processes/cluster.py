@@ -57,9 +57,8 @@ from streaming_tutorial.processes.local_server import (
     TEST_KV_CACHE_BYTES,
     Endpoint,
     LocalServer,
-    ServerStartError,
     free_port,
-    tail,
+    poll_until_ok,
 )
 from streaming_tutorial.processes.replica_watch import ClusterStopping, ReplicaWatch
 from streaming_tutorial.processes.stopping import group_alive, group_members, stop_process_group
@@ -206,22 +205,8 @@ class LocalCluster(Endpoint):
 
     def wait_for_router(self, timeout: float = ROUTER_STARTUP_TIMEOUT) -> dict:
         """Poll the router's /readiness until it answers 200 (it does once its workers are healthy)."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.router.poll() is not None:
-                raise ServerStartError(f"the router exited with code {self.router.returncode}; last log lines "
-                                       f"({self.router_log}):\n{tail(self.router_log)}")
-            try:
-                response = httpx.get(self.url_for("readiness"), timeout=2)
-                if response.status_code == 200:
-                    return response.json()
-                last = f"HTTP {response.status_code}"
-            except httpx.HTTPError as error:
-                last = type(error).__name__
-            time.sleep(0.1)
-        raise ServerStartError(f"the router at {self.url} is not ready after {timeout:.0f} s ({last}); "
-                               f"last log lines ({self.router_log}):\n{tail(self.router_log)}")
+        return poll_until_ok(self.url_for("readiness"), timeout, what="the router", process=self.router,
+                             log_path=self.router_log, interval=0.1).json()
 
     # --- what the router knows ---------------------------------------------------------------------------
 

@@ -27,14 +27,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-import httpx
 import psutil
 
 from streaming_tutorial.model import PROJECT_ROOT
-from streaming_tutorial.processes.local_server import LOG_DIR, free_port, tail
+from streaming_tutorial.processes.local_server import LOG_DIR, free_port, poll_until_ok, tail
 from streaming_tutorial.processes.stopping import group_members, stop_processes
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -111,23 +109,9 @@ class Lab:
 
     def wait_until_ready(self) -> dict:
         """Poll /api/status with the token until it answers 200; return its JSON."""
-        deadline = time.monotonic() + self.startup_timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise LabStartError(f"JupyterLab exited with code {self.process.returncode} before it answered; "
-                                    f"last log lines ({self.log_path}):\n{tail(self.log_path)}")
-            try:
-                response = httpx.get(self.url_for("api", "status", token=False), timeout=5,
-                                     headers={"Authorization": f"token {self.token}"})
-                if response.status_code == 200:
-                    return response.json()
-                last = f"HTTP {response.status_code}"
-            except httpx.HTTPError as error:
-                last = type(error).__name__
-            time.sleep(0.5)
-        raise LabStartError(f"JupyterLab did not answer at {self.local_url} in {self.startup_timeout:.0f} s "
-                            f"({last}); last log lines ({self.log_path}):\n{tail(self.log_path)}")
+        return poll_until_ok(self.url_for("api", "status", token=False), self.startup_timeout, what="JupyterLab",
+                             process=self.process, log_path=self.log_path, interval=0.5, error=LabStartError,
+                             headers={"Authorization": f"token {self.token}"}).json()
 
     def kernels(self) -> list[psutil.Process]:
         """The kernel processes JupyterLab runs now (its children; each leads a session of its own)."""

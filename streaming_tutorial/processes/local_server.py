@@ -52,26 +52,36 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def wait_until_healthy(url: str, timeout: float, process: subprocess.Popen | None = None,
-                       log_path: Path | None = None) -> dict | None:
-    """Poll `url`/health until it answers 200 and return its JSON (None for plain vLLM's empty body). Fails
-    fast, with the log's last lines, if `process` (the server, when we started it) exits first."""
+def poll_until_ok(url: str, timeout: float, *, what: str = "the server", process: subprocess.Popen | None = None,
+                  log_path: Path | None = None, headers: dict[str, str] | None = None, interval: float = 1.0,
+                  error: type[Exception] = ServerStartError) -> httpx.Response:
+    """GET `url` every `interval` s until it answers 200, and return that answer. Raises `error`, with the log's
+    last lines, when `process` (`what`, if we started it) exits first or `timeout` s pass. The one poll loop
+    behind a server's, the router's and JupyterLab's start."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise ServerStartError(f"server exited with code {process.returncode} before it was healthy; "
-                                   f"last log lines ({log_path}):\n{tail(log_path)}")
+            raise error(f"{what} exited with code {process.returncode} before it answered; "
+                        f"last log lines ({log_path}):\n{tail(log_path)}")
         try:
-            response = httpx.get(url.rstrip("/") + "/health", timeout=5)
+            response = httpx.get(url, timeout=5, headers=headers)
             if response.status_code == 200:
-                return response.json() if response.content.strip() else None
+                return response
             last = f"HTTP {response.status_code}"
-        except httpx.HTTPError as error:
-            last = type(error).__name__
-        time.sleep(1)
+        except httpx.HTTPError as failure:
+            last = type(failure).__name__
+        time.sleep(interval)
     detail = f"; last log lines ({log_path}):\n{tail(log_path)}" if log_path else ""
-    raise ServerStartError(f"{url} is not healthy after {timeout:.0f} s ({last}){detail}")
+    raise error(f"{what} at {url} did not answer 200 in {timeout:.0f} s ({last}){detail}")
+
+
+def wait_until_healthy(url: str, timeout: float, process: subprocess.Popen | None = None,
+                       log_path: Path | None = None) -> dict | None:
+    """Poll `url`/health until it answers 200 and return its JSON (None for plain vLLM's empty body). Fails
+    fast, with the log's last lines, if `process` (the server, when we started it) exits first."""
+    response = poll_until_ok(url.rstrip("/") + "/health", timeout, process=process, log_path=log_path)
+    return response.json() if response.content.strip() else None
 
 
 class Endpoint:
