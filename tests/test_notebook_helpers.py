@@ -38,7 +38,7 @@ def test_metric_sums_matching_samples():
 def http_server(status: int) -> subprocess.Popen:
     """A real HTTP server on a free loopback port that answers every GET with `status`; `.url` is its address."""
     port = free_port()
-    code = ("import http.server, sys\n"
+    code = ("import http.server\n"
             "class H(http.server.BaseHTTPRequestHandler):\n"
             f"    def do_GET(self): self.send_response({status}); self.end_headers(); self.wfile.write(b'{{}}')\n"
             "    def log_message(self, *a): pass\n"
@@ -49,7 +49,7 @@ def http_server(status: int) -> subprocess.Popen:
 
 
 def test_the_poll_returns_the_first_200_once_the_server_listens():
-    server = http_server(200)  # it starts while the poll already runs: the first tries find nothing listening
+    server = http_server(200)  # the poll starts at once, whether or not the server listens yet
     try:
         assert poll_until_ok(server.url, 30, process=server, interval=0.1).json() == {}
     finally:
