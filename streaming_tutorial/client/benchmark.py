@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from streaming_tutorial.client import latency
@@ -79,7 +79,7 @@ def measure(server: LocalServer, concurrency: int, requests: list[dict]) -> late
 
 def write_report(kind: str, report: dict) -> Path:
     """bench-results/<kind>-<UTC time>.json, with the date and the machine added; returns its path."""
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
     machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
     path = RESULTS_DIR / f"{kind}-{stamp}.json"
     path.write_text(json.dumps({"date": stamp, "machine": machine, **report}, indent=2))
