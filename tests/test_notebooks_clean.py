@@ -83,7 +83,8 @@ def test_every_cell_is_short(notebook):
 # Lessons keep their *why*, briefly: the long asides live in docs/ with a link (docs/notes-0N-*.md).
 MAX_WORDS_PER_NOTEBOOK = 1_700  # words in markdown cells, split on whitespace
 MAX_WORDS_PER_CELL = 150
-MAX_WORDS_IN_ALL = 8_580  # a quarter below the 11,446 words of the notebooks before issue 27
+MAX_WORDS_IN_ALL = 8_580  # notebooks 01-08: a quarter below their 11,446 words before issue 27
+COURSE_OF_ISSUE_27 = 8  # later notebooks each keep to MAX_WORDS_PER_NOTEBOOK
 LONGER_MARKDOWN = {"01-start-the-server.ipynb": 307, "02-stream-with-curl.ipynb": 156,
                    "03-stream-with-openai-client.ipynb": 162}  # as LONGER_CELLS: words of the longest cell
 
@@ -102,7 +103,7 @@ def test_the_prose_is_short(notebook):
 
 
 def test_the_course_reads_in_fewer_words():
-    total = sum(sum(markdown_words(nbformat.read(path, as_version=4))) for path in NOTEBOOKS)
+    total = sum(sum(markdown_words(nbformat.read(path, as_version=4))) for path in NOTEBOOKS[:COURSE_OF_ISSUE_27])
     assert total <= MAX_WORDS_IN_ALL, f"{total} words of markdown in the notebooks"
 
 

@@ -24,12 +24,12 @@ IN_THE_OPEN = re.compile(r"\.create\(|\.stream\(|\.post\(|\bcurl\b")
 # The package's helpers that send requests. Each must be shown (#@save) before a lesson calls it, in that lesson or
 # an earlier one; or, for the loops below, the request code they repeat must have been shown.
 REQUEST_HELPERS = {"measure_stream", "stream_and_time", "closed_loop", "tokens_per_s", "long_prompt_beside_a_stream",
-                   "timed_stream", "throughput_level", "prefix_cache_trial"}
-LOOPS_OVER = {"one_stream": "timed_stream", "ttft_by_prompt_length": "measure_stream"}
+                   "timed_stream", "throughput_level", "prefix_cache_trial", "timed_reads"}
+LOOPS_OVER = {"one_stream": "timed_stream", "ttft_by_prompt_length": "measure_stream", "drop_and_watch": "timed_reads"}
 # vLLM's own benchmark client: the lesson prints its command line, its code is vLLM's.
 NOT_OURS = {"vllm_bench"}
 # The lessons that send requests through the package's helpers, each showing at least one of them.
-SHOWING = ("04", "05", "08")
+SHOWING = ("04", "05", "08", "09")
 
 
 def code_cells(path: Path) -> list[str]:

@@ -108,3 +108,22 @@ def medians_with_range(runs: Mapping[tuple[str, int], Sequence[tuple[float, floa
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def arrivals(streams: Mapping[str, Sequence[tuple[float, bytes]]], title: str = "") -> Figure:
+    """Notebook 09: when each piece of a stream arrived, one line per way it came (`streams[name]` is a list of
+    (seconds after sending, bytes)): the share of the stream received so far, a dot per read. A proxy that holds
+    the stream back shows as a late cliff instead of a slope."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, reads in streams.items():
+        total = sum(len(data) for _, data in reads) or 1
+        times, shares, received = [0.0], [0.0], 0
+        for at, data in reads:
+            received += len(data)
+            times.append(at)
+            shares.append(received / total)
+        ax.step(times, shares, where="post", marker=".", label=f"{name} ({len(reads)} reads)")
+    ax.set(xlabel="seconds after sending", ylabel="share of the stream received", title=title, ylim=(0, 1.05))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,225 @@
+"""The relay a learner copies (relay/relay.py), as a real process in front of a real vLLM server: its stream, its
+users and key, its refusals, keep-alives and disconnects. No mock of the relay or of vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from server_checks import WORKSHOP_KEY, metrics, wait_for
+from test_disconnect import LONG, check_abort, serves_others
+
+from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.processes.local_server import free_port
+from streaming_tutorial.processes.relay import RELAY_SCRIPT, Relay
+
+USERS = ["alice-token", "bob-token"]
+RELAY_MAX_TOKENS = 64  # the relay's own cap (--max-tokens), far below the server's
+RELAY_MAX_BODY = 32 * 1024  # above the longest prompt here (a context's worth of words, about 25 KB)
+HELLO = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 12, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def relay(server):
+    with Relay(server.url, USERS, ["--max-tokens", str(RELAY_MAX_TOKENS), "--max-body", str(RELAY_MAX_BODY),
+                                   "--keepalive", "0.2"]) as running:
+        yield running
+
+
+def read_events(response: httpx.Response) -> list[dict]:
+    """The relay's SSE stream as a list of {"event", "data", "id"}, with comments as {"comment": text}."""
+    events, current = [], {}
+    for line in response.iter_lines():
+        if line.startswith(":"):
+            events.append({"comment": line[1:].strip()})
+        elif line.startswith("event: "):
+            current["event"] = line[7:]
+        elif line.startswith("data: "):
+            current["data"] = json.loads(line[6:])
+        elif line.startswith("id: "):
+            current["id"] = line[4:]
+        elif not line and current:
+            events.append(current)
+            current = {}
+    return events
+
+
+def chat(relay: Relay, body: dict, headers: dict | None = None) -> tuple[httpx.Response, list[dict]]:
+    with httpx.stream("POST", relay.url_for("chat"), json=body, headers=headers or relay.headers,
+                      timeout=httpx.Timeout(120, connect=10)) as response:
+        if response.status_code != 200:
+            response.read()
+            return response, []
+        return response, read_events(response)
+
+
+def test_a_chat_streams_tokens_then_exactly_one_done_and_every_event_names_its_stream_and_place(relay):
+    response, events = chat(relay, HELLO)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache" and response.headers["x-accel-buffering"] == "no"
+    named = [event for event in events if "event" in event]
+    assert [e["event"] for e in named[:-1]] == ["token"] * (len(named) - 1) and named[-1]["event"] == "done"
+    stream_ids = {event["id"].split(":")[0] for event in named}
+    assert len(stream_ids) == 1, stream_ids
+    assert [int(event["id"].split(":")[1]) for event in named] == list(range(1, len(named) + 1))
+    done = named[-1]["data"]
+    assert done["finish_reason"] in ("stop", "length")
+    assert done["usage"]["completion_tokens"] <= HELLO["max_tokens"]
+    assert "".join(event["data"]["text"] for event in named[:-1]).strip()
+
+
+def test_two_streams_get_two_stream_ids(relay):
+    ids = {chat(relay, HELLO)[1][-1]["id"].split(":")[0] for _ in range(2)}
+    assert len(ids) == 2
+
+
+def test_each_user_has_a_token_of_their_own_and_others_are_refused(relay):
+    assert chat(relay, HELLO, {"Authorization": f"Bearer {USERS[1]}"})[0].status_code == 200
+    for headers in ({}, {"Authorization": "Bearer not-a-user"}, {"Authorization": USERS[0]}):
+        response = httpx.post(relay.url_for("chat"), json=HELLO, headers=headers, timeout=30)
+        assert response.status_code == 401 and "relay token" in response.json()["error"]["message"]
+
+
+def prompt_tokens(server) -> float:
+    return metric(metrics(server.url), "vllm:prompt_tokens_total")
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b'{"messages": [', 422, "JSON"),
+    (b'{"max_tokens": 5}', 422, "messages"),
+    (b'{"messages": []}', 422, "messages"),
+    (json.dumps({**HELLO, "max_tokens": RELAY_MAX_TOKENS + 1}).encode(), 422, f"at most {RELAY_MAX_TOKENS}"),
+    (json.dumps({**HELLO, "model": "gpt-4"}).encode(), 422, "model"),
+    (json.dumps({**HELLO, "pad": "x" * RELAY_MAX_BODY}).encode(), 413, f"over {RELAY_MAX_BODY} bytes"),
+])
+def test_bad_input_gets_a_clear_4xx_and_nothing_reaches_vllm(relay, server, body, status, words):
+    before = prompt_tokens(server)
+    response = httpx.post(relay.url_for("chat"), content=body, timeout=30,
+                          headers={**relay.headers, "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]["message"]
+    assert prompt_tokens(server) == before
+    assert chat(relay, HELLO)[0].status_code == 200  # and the relay goes on serving
+
+
+def test_a_refusal_before_the_stream_began_is_handed_on_with_vllms_status_and_words(relay, model_name, client):
+    limit = client.models.list().data[0].model_extra["max_model_len"]
+    words = " ".join(random.Random(1).choice(["apple", "river", "stone", "cloud"]) for _ in range(limit + 50))
+    response = httpx.post(relay.url_for("chat"), headers=relay.headers, timeout=60,
+                          json={"messages": [{"role": "user", "content": words}], "max_tokens": 8})
+    assert response.status_code == 400, response.text
+    assert "context length" in response.json()["error"]["message"] or "maximum" in response.json()["error"]["message"]
+
+
+def test_keep_alive_comments_go_out_while_vllm_reads_a_long_prompt(relay):
+    """Before the first token vLLM sends nothing: the relay's `: keep-alive` comments (every 0.2 s here) fill the
+    silence that a proxy's idle timeout would otherwise cut."""
+    words = " ".join(random.Random(2).choice(["apple", "river", "stone", "cloud"]) for _ in range(1500))
+    _, events = chat(relay, {"messages": [{"role": "user", "content": words}], "max_tokens": 4})
+    first_token = next(i for i, event in enumerate(events) if event.get("event") == "token")
+    assert {"comment": "keep-alive"} in events[:first_token], events[:first_token + 1]
+    assert events[-1]["event"] == "done"
+
+
+def test_the_relay_holds_the_vllm_key_and_no_client_of_it_ever_sees_it(keyed_server):
+    with Relay(keyed_server.url, USERS, vllm_api_key=WORKSHOP_KEY, name="relay-keyed") as keyed:
+        response = httpx.post(keyed.url_for("chat"), headers=keyed.headers, timeout=60,
+                              json={**HELLO, "max_tokens": 4})
+        assert response.status_code == 200 and "event: done" in response.text
+        assert WORKSHOP_KEY not in response.text and WORKSHOP_KEY not in str(response.headers)
+        assert WORKSHOP_KEY not in httpx.get(keyed.url_for("health"), timeout=10).text
+    with Relay(keyed_server.url, USERS, vllm_api_key="a-wrong-key", name="relay-wrong-key") as wrong:
+        response = httpx.post(wrong.url_for("chat"), headers=wrong.headers, json=HELLO, timeout=60)
+        assert response.status_code == 502 and "VLLM_API_KEY" in response.json()["error"]["message"]
+
+
+def test_a_browser_that_goes_away_stops_the_generation_in_vllm(server, model_name):
+    """The relay runs the upstream request inside the response it streams, so the client's disconnect cancels it
+    and vLLM aborts the request (the same proof as tests/test_disconnect.py: vLLM's /metrics)."""
+    with Relay(server.url, USERS, ["--extra-body", json.dumps({"ignore_eos": True})], name="relay-long") as relay:
+        def open_stream():
+            response = httpx.stream("POST", relay.url_for("chat"), headers=relay.headers, timeout=60, json={
+                "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": LONG["max_tokens"]})
+            opened = response.__enter__()
+            lines = opened.iter_lines()
+            wait_for(lambda: next(lines).startswith("event: token"), 60, interval=0, what="a token event")
+            return opened
+
+        check_abort(server, open_stream, lambda response: response.close())
+    serves_others(server, model_name)
+
+
+def test_health_says_when_the_model_server_is_away_and_chat_answers_502():
+    relay = Relay(f"http://127.0.0.1:{free_port()}", USERS, name="relay-no-upstream")
+    relay.launch()
+    try:
+        answer = wait_for(lambda: _get(relay.url_for("health")), 60, what="the relay to answer /health")
+        assert answer.status_code == 503 and answer.json()["upstream"]["ok"] is False
+        response = httpx.post(relay.url_for("chat"), headers=relay.headers, json=HELLO, timeout=30)
+        assert response.status_code == 502 and "unreachable" in response.json()["error"]["message"]
+    finally:
+        relay.stop()
+    assert not relay.process_tree()
+
+
+def _get(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None
+
+
+def test_the_relay_on_a_taken_port_is_a_one_line_error(server):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, str(RELAY_SCRIPT), "--port", str(port), "--upstream", server.url],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "RELAY_TOKEN": "x"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_the_relays_page_shows_a_refusal_in_words(relay, browser):
+    """The page asks for 200 tokens unless told otherwise; this relay's cap is RELAY_MAX_TOKENS: the page says what
+    the relay said."""
+    page = browser.new_page()
+    page.goto(relay.url)
+    page.fill("#token", USERS[0])
+    page.click("#send")
+    page.wait_for_selector("body[data-ended]", timeout=60_000)
+    assert page.get_attribute("body", "data-ended") == "refused"
+    assert f"at most {RELAY_MAX_TOKENS}" in page.text_content("#status")
+    page.close()
+
+
+def test_the_relays_page_reads_a_stream_to_done_and_its_stop_button_stops_vllm(server, browser):
+    """The page of notebook 09 in a real Chromium: `fetch` and a stream reader show the answer and its `done`;
+    Stop aborts the fetch, the relay's response is cancelled, and vLLM aborts the request (its /metrics)."""
+    with Relay(server.url, USERS, ["--extra-body", json.dumps({"ignore_eos": True})], name="relay-page") as relay:
+        page = browser.new_page()
+        page.goto(relay.url)
+        page.fill("#token", USERS[1])
+        page.fill("#prompt", "Say hello.")
+        page.fill("#max_tokens", "24")
+        page.click("#send")
+        page.wait_for_selector("body[data-ended]", timeout=120_000)
+        assert page.get_attribute("body", "data-ended") == "done", page.text_content("#status")
+        assert page.text_content("#answer").strip() and "24 tokens" in page.text_content("#status")
+        page.fill("#max_tokens", str(LONG["max_tokens"]))
+
+        def open_stream():
+            page.click("#send")
+            page.wait_for_function("document.getElementById('answer').textContent.length > 0", timeout=60_000)
+            return page
+
+        check_abort(server, open_stream, lambda page: page.click("#stop"))
+        page.wait_for_selector("body[data-ended='stopped']", timeout=10_000)
+        page.close()
