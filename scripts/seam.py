@@ -25,10 +25,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from streaming_tutorial.server.seam import CLI_ARGS, CLI_ENV_SETUP, PATCHES, Seam, Source, binds
 
-from streaming_tutorial.server.seam import CLI_ARGS, CLI_ENV_SETUP, PATCHES, Seam, Source, binds  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MOVED = {name: CLI_ARGS for name in ("make_arg_parser", "validate_parsed_serve_args",
                                      "propagate_flash_late_interaction")} | {"cli_env_setup": CLI_ENV_SETUP}

@@ -231,3 +231,29 @@ def test_through_the_relay_an_engine_death_mid_answer_is_one_retryable_error_eve
     assert RESTARTING in named[-1]["data"]["message"]
     wait_for(lambda: httpx.get(workshop.url_for("health"), timeout=10).status_code == 200, BACK_DEADLINE_S,
              what="the engine to be back")
+
+
+def test_the_first_503_after_an_engine_death_carries_retry_after_too():
+    """The first request to meet a dead engine is answered by vLLM's exception handler, with no Retry-After: the
+    restart middleware adds one as the 503 goes out. A 503 while the engine is fine is left as it is."""
+
+    class Restart:  # dead from the moment the request is inside vLLM
+        enabled, checks = True, 0
+
+        def unavailable(self) -> bool:
+            self.checks += 1
+            return self.dead and self.checks > 1
+
+        def retry_after(self) -> int:
+            return 20
+
+    async def vllm_exception_handler(scope, receive, send):
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"error": {"message": "restarting", "code": 503}}'})
+
+    for dead, wanted in ((True, "20"), (False, None)):
+        restart = Restart()
+        restart.dead = dead
+        response = TestClient(restart_hooks.RestartMiddleware(vllm_exception_handler, restart)).post(
+            "/v1/chat/completions", json={})
+        assert response.status_code == 503 and response.headers.get("retry-after") == wanted

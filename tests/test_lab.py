@@ -211,9 +211,11 @@ def test_stopping_jupyterlab_stops_its_kernel_and_leaves_the_notebook_untouched(
     assert not (NOTEBOOKS / ".ipynb_checkpoints").exists() or ran["checkpoints_before"]
 
 
-def test_make_lab_works_as_root_and_says_how_to_reach_it_then_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["ctrl-c", "kill", "closed-terminal"])
+def test_make_lab_works_as_root_and_says_how_to_reach_it_then_stops_on_ctrl_c(tmp_path, stop_signal):
     """`make lab`'s own command, in a root shell on this machine too: it prints an address with the token that
-    JupyterLab answers on, and Ctrl-C stops JupyterLab."""
+    JupyterLab answers on, and Ctrl-C stops JupyterLab; so do a `kill` (SIGTERM) and a closed terminal (SIGHUP)."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")}
     wrapper = subprocess.Popen([sys.executable, "-m", "streaming_tutorial.processes.lab", "--port", str(port),
@@ -237,7 +239,7 @@ def test_make_lab_works_as_root_and_says_how_to_reach_it_then_stops_on_ctrl_c(tm
         assert status.status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/api/status", timeout=10).status_code == 403  # no token, no way in
         jupyterlab = psutil.Process(wrapper.pid).children()
-        wrapper.send_signal(signal.SIGINT)
+        wrapper.send_signal(stop_signal)
         assert wrapper.wait(60) == 0
         assert "stopped JupyterLab" in wrapper.stdout.read()
         assert not [process for process in jupyterlab if process.is_running()

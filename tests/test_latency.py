@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 import time
 
 import httpx
@@ -233,3 +235,11 @@ def test_the_servers_own_time_between_tokens_is_read_from_two_metrics_snapshots(
 
     assert server_itl(text(1.0, 40), text(3.5, 140)) == pytest.approx(0.025)
     assert math.isnan(server_itl(text(1.0, 40), text(1.0, 40)))
+
+
+def test_vllms_benchmark_client_imports_without_a_word_on_stderr():
+    """Notebook 04 runs vLLM's benchmark client in its kernel: anything on stderr is a red box in JupyterLab."""
+    done = subprocess.run([sys.executable, "-c", "from streaming_tutorial.client.latency import vllm_bench_module\n"
+                           "vllm_bench_module()"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Triton" not in done.stderr and "IProgress" not in done.stderr, done.stderr

@@ -9,13 +9,15 @@ import random
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 from server_checks import WORKSHOP_KEY, metrics, wait_for
-from test_disconnect import LONG, check_abort, serves_others
+from test_disconnect import ABORT_DEADLINE, LONG, Engine, check_abort, serves_others
 
 from streaming_tutorial.client.metrics import metric
+from streaming_tutorial.client.relay_stream import relay_events
 from streaming_tutorial.processes.local_server import free_port
 from streaming_tutorial.processes.relay import RELAY_SCRIPT, Relay
 
@@ -141,8 +143,8 @@ def test_the_relay_holds_the_vllm_key_and_no_client_of_it_ever_sees_it(keyed_ser
 
 
 def test_a_browser_that_goes_away_stops_the_generation_in_vllm(server, model_name):
-    """The relay runs the upstream request inside the response it streams, so the client's disconnect cancels it
-    and vLLM aborts the request (the same proof as tests/test_disconnect.py: vLLM's /metrics)."""
+    """When a stream's last client goes away, the relay cancels the task that reads vLLM (at once: no
+    --resume-grace), and vLLM aborts the request (the same proof as tests/test_disconnect.py: vLLM's /metrics)."""
     with Relay(server.url, USERS, ["--extra-body", json.dumps({"ignore_eos": True})], name="relay-long") as relay:
         def open_stream():
             response = httpx.stream("POST", relay.url_for("chat"), headers=relay.headers, timeout=60, json={
@@ -223,3 +225,98 @@ def test_the_relays_page_reads_a_stream_to_done_and_its_stop_button_stops_vllm(s
         check_abort(server, open_stream, lambda page: page.click("#stop"))
         page.wait_for_selector("body[data-ended='stopped']", timeout=10_000)
         page.close()
+
+
+# ---- picking a stream up again (GET /chat/resume) ----
+
+def read_until(relay: Relay, body: dict, last: int, headers: dict | None = None) -> list[dict]:
+    """The stream's first `last` events, then the connection is closed, as a train's tunnel closes it."""
+    events, current = [], {}
+    with httpx.stream("POST", relay.url_for("chat"), json=body, headers=headers or relay.headers,
+                      timeout=httpx.Timeout(120, connect=10)) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith(("event: ", "data: ", "id: ")):
+                name, _, value = line.partition(": ")
+                current[name] = json.loads(value) if name == "data" else value
+            elif not line and "id" in current:
+                events.append(current)
+                current = {}
+                if len(events) == last:
+                    break
+    return events
+
+
+def resume(relay: Relay, last_event_id: str, headers: dict | None = None, in_query: bool = False) -> httpx.Response:
+    """GET /chat/resume, read to its end; the id in the Last-Event-ID header (or ?last_event_id=)."""
+    params = {"last_event_id": last_event_id} if in_query else None
+    with httpx.stream("GET", relay.url_for("chat", "resume"), params=params, timeout=120, headers={
+            **(headers or relay.headers), **({} if in_query else {"Last-Event-ID": last_event_id})}) as response:
+        response.read()
+    return response
+
+
+def numbers(events: list[dict]) -> list[int]:
+    return [int(event["id"].split(":")[1]) for event in events]
+
+
+@pytest.fixture(scope="module")
+def resumable(server):
+    with Relay(server.url, USERS, ["--resume-grace", "30", "--extra-body", json.dumps({"ignore_eos": True})],
+               name="relay-resumable") as running:
+        yield running
+
+
+def test_a_dropped_stream_picks_up_from_the_next_event_with_no_gap_and_no_repeat(resumable):
+    body = {"messages": [{"role": "user", "content": "Count the stars."}], "max_tokens": 24, "temperature": 0}
+    before = read_until(resumable, body, 5)
+    stream_id = before[-1]["id"].split(":")[0]
+    for in_query in (False, True):
+        rest = [e for e in relay_events(resume(resumable, before[-1]["id"], in_query=in_query).content) if "id" in e]
+        assert numbers(before + rest) == list(range(1, len(before) + len(rest) + 1))
+        assert {event["id"].split(":")[0] for event in rest} == {stream_id}
+        assert rest[-1]["event"] == "done" and rest[-1]["data"]["usage"]["completion_tokens"] == 24
+    everything = [e for e in relay_events(resume(resumable, f"{stream_id}:0").content) if "id" in e]
+    assert everything[:5] == before and everything[5:] == rest  # the same events, kept: the same answer
+
+
+def test_a_last_event_id_that_is_malformed_unknown_too_far_or_another_users_is_refused_before_vllm(resumable, server):
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
+    theirs = read_until(resumable, body, 2)[-1]["id"]
+    stream_id = theirs.split(":")[0]
+    before = prompt_tokens(server)
+    for last_event_id, headers, status, words in [
+        ("no-colon", None, 400, "Last-Event-ID"),
+        (f"{stream_id}:x", None, 400, "Last-Event-ID"),
+        ("0123456789ab:1", None, 404, "no stream 0123456789ab"),
+        (f"{stream_id}:999", None, 400, "not 999"),
+        (theirs, {"Authorization": f"Bearer {USERS[1]}"}, 404, f"no stream {stream_id}"),  # Bob reads Alice's: no
+        (theirs, {"Authorization": "Bearer not-a-user"}, 401, "relay token"),
+    ]:
+        response = resume(resumable, last_event_id, headers)
+        assert response.status_code == status, (last_event_id, response.text)
+        assert words in response.json()["error"]["message"]
+    assert prompt_tokens(server) == before
+
+
+def test_with_nobody_listening_the_generation_stops_after_the_grace_period_and_a_resume_says_so(server):
+    """--resume-grace 2: the request keeps running in vLLM for the grace period after the drop (a client may come
+    back), then the relay closes it and vLLM aborts it; a later resume replays the events and a final error."""
+    engine = Engine(server)
+    before = engine.idle()
+    with Relay(server.url, USERS, ["--resume-grace", "2", "--extra-body", json.dumps({"ignore_eos": True})],
+               name="relay-grace") as relay:
+        body = {"messages": [{"role": "user", "content": "A long story."}], "max_tokens": LONG["max_tokens"]}
+        last = read_until(relay, body, 3)[-1]["id"]
+        dropped = time.monotonic()
+        assert engine.sample()["running"] >= 1  # still generating for nobody: the grace period
+        wait_for(lambda: engine.sample()["running"] == 0, 2 + ABORT_DEADLINE + 3, interval=0.05,
+                 what="the request to stop after the grace period")
+        stopped_after = time.monotonic() - dropped
+        after = engine.stopped_generating()
+        print(f"\nthe request stopped {stopped_after:.1f} s after the drop (grace 2 s)")
+        assert stopped_after >= 2 - 0.1, "the request stopped before the grace period ended"
+        assert after["finished"] == before["finished"], "the request finished instead of being stopped"
+        rest = [event for event in relay_events(resume(relay, last).content) if "id" in event]
+        assert rest[-1]["event"] == "error" and "no client was listening" in rest[-1]["data"]["message"]
+        assert numbers(rest) == list(range(int(last.split(":")[1]) + 1, numbers(rest)[-1] + 1))

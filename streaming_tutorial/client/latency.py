@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import math
 import random
 import time
@@ -316,6 +317,17 @@ def vllm_bench_argv(base_url: str, *, endpoint: str = "/v1/completions", input_l
             "--metric-percentiles", "50,90,99", "--disable-tqdm", *extra]
 
 
+def vllm_bench_module():
+    """`vllm.benchmarks.serve`, imported without a word on stderr (a red box in JupyterLab that a learner reads
+    as an error): tqdm warns at import when a notebook lacks ipywidgets, and torch logs "Triton not available"
+    where Triton is absent, as on a CPU (scripts/setup_env.py leaves it out; vLLM's CPU build does not use it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=TqdmWarning)
+        logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+        from vllm.benchmarks import serve
+    return serve
+
+
 async def vllm_bench(argv: Sequence[str], api_key: str | None = None) -> dict:
     """Run vLLM's benchmark client (`vllm.benchmarks.serve.main_async`) in this process and return its
     result dict (`median_ttft_ms`, `median_itl_ms`, `output_throughput`, ...), with its printed report table
@@ -333,9 +345,7 @@ async def vllm_bench(argv: Sequence[str], api_key: str | None = None) -> dict:
     if not {"--tokenizer", "--skip-tokenizer-init"} & {arg.split("=")[0] for arg in argv}:
         base_url = argv[argv.index("--base-url") + 1]
         argv += ["--tokenizer", str(bench_tokenizer(base_url, api_key))]
-    with warnings.catch_warnings():  # tqdm warns at import when a notebook lacks ipywidgets
-        warnings.simplefilter("ignore", category=TqdmWarning)
-        from vllm.benchmarks import serve
+    serve = vllm_bench_module()
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser()

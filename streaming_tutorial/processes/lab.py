@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     opened = can_open_browser() and not args.no_browser
     lab = Lab(NOTEBOOKS, ip=args.ip, port=port, open_browser=opened, args=rest, log_path=args.log)
     print(f"starting JupyterLab on the notebooks (log: {lab.log_path})", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or `kill`: stop everything, as Ctrl-C does
+        signal.signal(sig, signal.default_int_handler)
     try:
         with lab:
             print("\n".join(how_to_reach(lab, opened)), flush=True)

@@ -177,7 +177,7 @@ class EngineRestart:
         if self.status != "restarting" and (not self.enabled or self.status == "stopped" or self.too_many(extra=1)):
             return STOPPING
         return (f"The server's engine stopped and is restarting; try again in about {self.retry_after()} s "
-                f"(this page says when it is back).")
+                f"(the server's /health says \"healthy\" again when it is back).")
 
     def health(self) -> dict:
         return {"enabled": self.enabled, "restarts": len(self.outages), "max_restarts": self.max_restarts,

@@ -29,11 +29,23 @@ class RestartMiddleware:
         self.app, self.restart = app, restart
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.restart.enabled:
-            if needs_engine(route_path(scope)) and self.restart.unavailable():
+        if scope["type"] == "http" and self.restart.enabled and needs_engine(route_path(scope)):
+            if self.restart.unavailable():
                 return await send_error(send, 503, error_body(self.restart.message(), "ServiceUnavailableError",
                                                               503), restart_headers(self.restart))
+            send = self.with_retry_after(send)
         await self.app(scope, receive, send)
+
+    def with_retry_after(self, send: Send) -> Send:
+        """The first request to meet a dead engine is answered by vLLM's exception handler (worded by
+        `friendly_error`), which sends no Retry-After: add it to a 503 sent while the engine is unavailable."""
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 503 and not any(
+                    name.lower() == b"retry-after" for name, _ in message.get("headers", [])) \
+                    and self.restart.unavailable():
+                message = {**message, "headers": [*message.get("headers", []), *restart_headers(self.restart)]}
+            await send(message)
+        return sending
 
 
 def restart_headers(restart: EngineRestart) -> list[tuple[bytes, bytes]]:
