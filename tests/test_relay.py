@@ -34,31 +34,11 @@ def relay(server):
         yield running
 
 
-def read_events(response: httpx.Response) -> list[dict]:
-    """The relay's SSE stream as a list of {"event", "data", "id"}, with comments as {"comment": text}."""
-    events, current = [], {}
-    for line in response.iter_lines():
-        if line.startswith(":"):
-            events.append({"comment": line[1:].strip()})
-        elif line.startswith("event: "):
-            current["event"] = line[7:]
-        elif line.startswith("data: "):
-            current["data"] = json.loads(line[6:])
-        elif line.startswith("id: "):
-            current["id"] = line[4:]
-        elif not line and current:
-            events.append(current)
-            current = {}
-    return events
-
-
 def chat(relay: Relay, body: dict, headers: dict | None = None) -> tuple[httpx.Response, list[dict]]:
     with httpx.stream("POST", relay.url_for("chat"), json=body, headers=headers or relay.headers,
                       timeout=httpx.Timeout(120, connect=10)) as response:
-        if response.status_code != 200:
-            response.read()
-            return response, []
-        return response, read_events(response)
+        body = response.read()
+        return response, relay_events(body) if response.status_code == 200 else []
 
 
 def test_a_chat_streams_tokens_then_exactly_one_done_and_every_event_names_its_stream_and_place(relay):
