@@ -1,6 +1,7 @@
 """Read a stream as it arrives: every read of the socket with its time, and a relay's events (relay/relay.py).
 
-Notebook 09 shows `timed_reads` and `relay_events` (`#@save`), then uses them through nginx and the relay.
+Notebook 09 shows `timed_reads` (`#@save`) and uses it through nginx and the relay, and `drop_and_watch` to close a
+tab on a relay; the tests read the relay's events with `relay_events`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ from streaming_tutorial.client.waiting import wait_until
 class TimedStream:
     status: int
     reads: list[tuple[float, bytes]] = field(default_factory=list)  # (seconds after sending, bytes of one read)
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(data for _, data in self.reads)
 
     def first(self, pattern: bytes) -> float | None:
         """Seconds until the read that completed the first match of `pattern`, a bytes regex (e.g.
@@ -64,12 +61,6 @@ def relay_events(body: bytes) -> list[dict]:
         if event:
             events.append(event)
     return events
-
-
-def how_it_ended(events: list[dict]) -> str:
-    """`done` or `error` (the relay's terminal events), or `cut`: the stream stopped without either."""
-    last = [event["event"] for event in events if event.get("event") in ("done", "error")]
-    return last[-1] if last else "cut"
 
 
 # A band of vllm:request_generation_tokens' buckets (1-2-5 steps) that only the lesson's dropped requests fall in

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
+
+from streaming_tutorial.processes.system_tool import apt_install, try_command
 
 SYSTEM_BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 HOW_TO_GET_ONE = ("No Chromium found: run `.venv/bin/python -m playwright install chromium`, or install your "
@@ -41,17 +42,11 @@ def find() -> str | None:
         return find_chromium(playwright)
 
 
-def run(*command: str) -> bool:
-    print("No Chromium yet; trying:", " ".join(command), flush=True)
-    return subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
-
-
 def main() -> int:
     found = find()
-    if not found and run(sys.executable, "-m", "playwright", "install", "chromium"):
+    if not found and try_command("Chromium", sys.executable, "-m", "playwright", "install", "chromium"):
         found = find()
-    if not found and os.geteuid() == 0 and shutil.which("apt-get") \
-            and run("apt-get", "update") and run("apt-get", "install", "-y", "chromium"):
+    if not found and apt_install("Chromium", "chromium"):
         found = find()
     if not found:
         print(HOW_TO_GET_ONE)

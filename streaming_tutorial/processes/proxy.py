@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from streaming_tutorial.processes.local_server import Endpoint, free_port, tail
 from streaming_tutorial.processes.stopping import stop_process_group
+from streaming_tutorial.processes.system_tool import apt_install
 
 HOW_TO_GET_ONE = ("No nginx found: install your system's nginx package (e.g. `sudo apt-get install nginx`), "
                   "then `make nginx` again.")
@@ -295,16 +296,9 @@ class Proxy(Endpoint):
         self.stop()
 
 
-def run(*command: str) -> bool:
-    print("No nginx yet; trying:", " ".join(command), flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env).returncode == 0
-
-
 def main() -> int:
     found = find_nginx()
-    if not found and os.geteuid() == 0 and shutil.which("apt-get") \
-            and run("apt-get", "update") and run("apt-get", "install", "-y", "nginx"):
+    if not found and apt_install("nginx", "nginx"):
         found = find_nginx()
     if not found:
         print(HOW_TO_GET_ONE)
